@@ -1,0 +1,142 @@
+"""The front door: `lfm2vl.load()` and the `Model` it returns (network + processor together).
+
+The CLI, server, trainer, evaluation and benchmarks all go through here, so device / dtype
+handling and file layout are decided in one place (STYLE §5.1b).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Lfm2VlConfig
+from .hub import resolve
+from .model.lfm2vl import Lfm2Vl
+from .weights import CheckpointError, load_weights, save_weights, stored_dtype
+
+log = logging.getLogger(__name__)
+
+# Files that travel with the weights (tokenizer, chat template, processor settings, generation defaults).
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+)
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)} or 'auto'")
+    return _DTYPE_NAMES[dtype]
+
+
+def read_config(folder: Path) -> Lfm2VlConfig:
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json: not a model checkpoint folder")
+    try:
+        return Lfm2VlConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+class Model:
+    """An LFM2-VL model ready to use: `model(**processor_outputs)` -> logits, plus its processor."""
+
+    def __init__(self, module: Lfm2Vl, processor: Any = None, source: Path | None = None):
+        self.module = module
+        self.processor = processor
+        self.source = source
+
+    @property
+    def config(self) -> Lfm2VlConfig:
+        return self.module.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.language_model.embed_tokens.weight.dtype
+
+    def __call__(self, **inputs: Any) -> torch.Tensor:
+        """Logits (B, T, V) for the reference processor's output dict (or ours), unchanged."""
+        with torch.inference_mode():
+            moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            if "spatial_shapes" in moved:
+                moved["spatial_shapes"] = inputs["spatial_shapes"]  # shapes stay on the CPU (no device sync)
+            return self.module(**moved)
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Model:
+        self.module.to(device=device, dtype=parse_dtype(dtype))
+        return self
+
+    def save_pretrained(self, folder: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+        """Write config.json + safetensors in the Hugging Face layout, with the tokenizer/processor files."""
+        folder = Path(folder)
+        save_weights(self.module, folder, max_shard_size=max_shard_size)
+        copied = set()
+        if self.source is not None and self.source.resolve() != folder.resolve():
+            for name in SIDE_FILES:
+                if (self.source / name).exists():
+                    shutil.copyfile(self.source / name, folder / name)
+                    copied.add(name)
+        if "generation_config.json" not in copied and not (folder / "generation_config.json").exists():
+            t = self.config.text
+            gen = {"bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id}
+            (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def load(
+    path_or_hub_id: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> Model:
+    """Load an LFM2-VL checkpoint from a local folder or a Hub id (e.g. "LiquidAI/LFM2-VL-450M").
+
+    dtype None keeps the stored dtype, except that bf16/fp16 weights are upcast to float32 on
+    the CPU (half-precision matmuls are slow or unsupported on many CPUs). With no path, the
+    model bundled with the package is loaded.
+    """
+    if path_or_hub_id is None:
+        from .bundled import bundled_path
+
+        path_or_hub_id = bundled_path()
+    folder = resolve(path_or_hub_id, revision=revision)
+    cfg = read_config(folder)
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = stored_dtype(folder)
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            dtype = torch.float32
+    module = load_weights(folder, cfg, device, dtype)
+    processor = None
+    if (folder / "tokenizer.json").exists():
+        try:  # TEMP-PROCESSOR-GUARD until processing lands
+            from .processing.processor import Processor
+
+            processor = Processor.from_pretrained(folder)
+        except ModuleNotFoundError:
+            processor = None
+    else:
+        log.warning("%s has no tokenizer.json: the model loads, but text/image processing is unavailable", folder)
+    return Model(module, processor, folder)

@@ -1,0 +1,201 @@
+"""LFM2 hybrid language backbone (mirrors transformers `models/lfm2/modeling_lfm2.py`).
+
+Layers are either a gated short convolution or grouped-query attention, each followed by a
+SwiGLU MLP; RMSNorm everywhere (SPEC §8). Notable choices:
+- One code path for prefill, chunked prefill and decode: the conv layer always convolves
+  [cached state | new inputs], so a decode step is a prefill of length 1.
+- Padding-aware: the gated conv input `B*x` is zeroed at padded positions, so a left-padded row's
+  conv history never depends on its batch neighbours (the bug behind transformers#41790).
+- The cache is duck-typed (see `cache.py`): `kv(layer, k, v)` and `conv_state` / `set_conv_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, cast back before the weight multiply (as the reference does)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """(B, T) positions -> cos, sin of shape (B, 1, T, Dh), computed in float32 ("rotate-half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_layernorm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.kv(self.layer_idx, k, v)  # (B, Hkv, S, Dh) with the past in front
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_heads != self.n_kv
+        )  # (B, H, T, Dh)
+        return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class ShortConv(nn.Module):
+    """Gated short convolution: y = C * causal_conv(B * x), with (B, C, x) = in_proj(u)."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d, k = cfg.hidden_size, cfg.conv_L_cache
+        self.kernel = k
+        self.conv = nn.Conv1d(d, d, kernel_size=k, groups=d, bias=cfg.conv_bias, padding=k - 1)
+        self.in_proj = nn.Linear(d, 3 * d, bias=cfg.conv_bias)
+        self.out_proj = nn.Linear(d, d, bias=cfg.conv_bias)
+
+    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+        b, t, d = x.shape
+        gate_b, gate_c, xs = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D), in this order (SPEC §8)
+        v = gate_b * xs
+        if ctx.token_mask is not None:
+            v = v * ctx.token_mask[..., None].to(v.dtype)  # padded positions add nothing to the history
+        v = v.transpose(1, 2)  # (B, D, T)
+        if ctx.cache is not None:
+            state = ctx.cache.conv_state(self.layer_idx)  # (B, D, K-1): the last K-1 values of B*x
+        else:
+            state = v.new_zeros(b, d, self.kernel - 1)
+        full = torch.cat([state.to(v.dtype), v], dim=-1)  # (B, D, K-1+T)
+        if ctx.cache is not None:
+            ctx.cache.set_conv_state(self.layer_idx, full[:, :, -(self.kernel - 1) :])
+        y = F.conv1d(full, self.conv.weight, self.conv.bias, groups=d)  # (B, D, T)
+        return self.out_proj(gate_c * y.transpose(1, 2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.ffn_dim
+        self.w1 = nn.Linear(d, f, bias=False)  # gate
+        self.w3 = nn.Linear(d, f, bias=False)  # up
+        self.w2 = nn.Linear(f, d, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.is_attention = cfg.layer_types[layer_idx] == "full_attention"
+        if self.is_attention:
+            self.self_attn = Attention(cfg, layer_idx)
+        else:
+            self.conv = ShortConv(cfg, layer_idx)
+        self.feed_forward = MLP(cfg)
+        self.operator_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+        op = self.self_attn if self.is_attention else self.conv
+        x = x + op(self.operator_norm(x), ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Context:
+    """Per-forward state shared by all layers: RoPE tables, attention mask, padding mask, cache."""
+
+    def __init__(self, cos, sin, attn_mask, is_causal, token_mask, cache):
+        self.cos, self.sin, self.attn_mask, self.is_causal = cos, sin, attn_mask, is_causal
+        self.token_mask, self.cache = token_mask, cache
+
+
+def attention_mask(
+    key_mask: torch.Tensor | None, t: int, past: int, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
+    """Boolean (B, 1, T, S) mask (True = attend) for T queries after `past` cached positions.
+
+    Returns (None, True) / (None, False) where SDPA's own causal path or no mask is exact. A query
+    always sees itself, so fully padded rows stay finite (their outputs are never used).
+    """
+    s = past + t
+    if key_mask is None or bool(key_mask.all()):
+        if past == 0:
+            return None, t > 1
+        if t == 1:
+            return None, False
+        key_mask = None
+    q_pos = torch.arange(past, s, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(s, device=device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :s].bool()
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask, False
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.embedding_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)  # final norm, after the last layer
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """embeds (B, T, D), positions (B, T), key_mask (B, past+T) bool of real tokens -> hidden (B, T, D)."""
+        b, t, _ = embeds.shape
+        past = cache.length if cache is not None else 0
+        attn_mask, is_causal = attention_mask(key_mask, t, past, embeds.device)
+        token_mask = None
+        if key_mask is not None and not bool(key_mask[:, past : past + t].all()):
+            token_mask = key_mask[:, past : past + t]
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        ctx = Context(cos, sin, attn_mask, is_causal, token_mask, cache)
+        h = embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, use_reentrant=False)
+            else:
+                h = layer(h, ctx)
+        if cache is not None:
+            cache.advance(t)
+        return self.embedding_norm(h)

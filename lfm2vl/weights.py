@@ -1,0 +1,224 @@
+"""Checkpoint weights: read Hugging Face LFM2-VL safetensors into `Lfm2Vl`, and write them back.
+
+Loading is a short prefix table plus a strict check (STYLE §3.1): every stored tensor is consumed
+and every parameter filled, or one error lists the missing, unexpected and mis-shaped keys with
+their files. Tensors are read one at a time straight into their final buffers (our own small
+safetensors header reader; no mmap), so peak memory is one copy of the model plus one tensor,
+and a truncated file is reported by name instead of failing somewhere in the middle.
+Saving writes the Hub layout (`model.vision_tower.vision_model.*`, tied `lm_head` not stored),
+sharded with an index above `max_shard_size`, readable by transformers 4.57 / 5.x and converters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import Lfm2VlConfig
+from .model.lfm2vl import Lfm2Vl
+
+# Stored prefix -> our module prefix; the first match wins, so longer prefixes come first.
+PREFIXES = (
+    ("model.language_model.model.", "language_model."),  # some fine-tunes nest the causal-LM wrapper
+    ("model.language_model.", "language_model."),
+    ("model.vision_tower.vision_model.", "vision_tower."),  # as stored on the Hub (transformers 4.57)
+    ("model.vision_tower.", "vision_tower."),  # transformers 5.x in-memory layout
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+)
+SAVE_PREFIXES = (
+    ("language_model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower.vision_model."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as LFM2-VL; the message names file and key."""
+
+
+def map_key(key: str) -> str | None:
+    for old, new in PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return None
+
+
+def _is_unused(name: str, cfg: Lfm2VlConfig) -> bool:
+    """Tensors that exist in some checkpoints but that LFM2-VL never uses (dropped on purpose)."""
+    if name.startswith("vision_tower.head."):  # SigLIP2 pooling head: not part of LFM2-VL
+        return True
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:  # a tied head saved explicitly
+        return True
+    parts = name.split(".")
+    if name.startswith("vision_tower.encoder.layers.") and int(parts[3]) >= cfg.vision.num_hidden_layers:
+        return cfg.vision.stored_layers is not None  # layers past vision_feature_layer
+    return False
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(folder.glob("*.bin")):
+        raise CheckpointError(f"{folder} holds only PyTorch .bin weights; convert them to safetensors first")
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header -> ({key: {dtype, shape, data_offsets}}, data start offset)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated: the header describes {8 + n + end} bytes but the file has {size}; "
+            "the download is incomplete, delete the file and fetch it again"
+        )
+    return header, 8 + n
+
+
+def iter_tensors(path: Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) read directly from the file, one at a time."""
+    header, start = read_header(path)
+    with open(path, "rb", buffering=0) as f:
+        for key in keys if keys is not None else list(header):
+            info = header[key]
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+            a, b = info["data_offsets"]
+            buf = torch.empty(b - a, dtype=torch.uint8)
+            f.seek(start + a)
+            if f.readinto(memoryview(buf.numpy())) != b - a:
+                raise CheckpointError(f"{path}: truncated while reading tensor {key}")
+            yield key, buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    header, _ = read_header(shard_files(folder)[0])
+    for info in header.values():
+        if info["dtype"] in ("F32", "F16", "BF16", "F64"):
+            return _DTYPES[info["dtype"]]
+    return torch.float32
+
+
+def load_weights(folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.device, dtype: torch.dtype) -> Lfm2Vl:
+    """Build `Lfm2Vl` on the meta device and fill it strictly from the folder's safetensors."""
+    folder = Path(folder)
+    with torch.device("meta"):
+        model = Lfm2Vl(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected, mismatched, where = [], [], {}
+    for path in shard_files(folder):
+        header, _ = read_header(path)
+        wanted = []
+        for key, info in header.items():
+            name = map_key(key)
+            if name is None or (name not in expected and not _is_unused(name, cfg)):
+                unexpected.append(f"{key} ({path.name})")
+            elif name in expected:
+                if tuple(info["shape"]) != expected[name]:
+                    mismatched.append(f"{key} ({path.name}): stored {tuple(info['shape'])}, model {expected[name]}")
+                elif name in where:
+                    unexpected.append(f"{key} ({path.name}): duplicate of {where[name]}")
+                else:
+                    wanted.append(key)
+                    where[name] = f"{key} in {path.name}"
+        if unexpected or mismatched:
+            continue  # keep collecting problems, skip the reading
+        for key, t in iter_tensors(path, wanted):
+            state[map_key(key)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    missing = sorted(set(expected) - set(where))
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {folder} does not match the LFM2-VL model its config.json describes:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def hub_state_dict(model: Lfm2Vl) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in model.state_dict().items():
+        for ours, theirs in SAVE_PREFIXES:
+            if name.startswith(ours):
+                out[theirs + name[len(ours) :]] = t.detach().contiguous()
+                break
+        else:
+            raise AssertionError(f"no save prefix for {name}")
+    return out
+
+
+def save_weights(model: Lfm2Vl, folder: str | Path, max_shard_size: int = 5 * 2**30) -> None:
+    """config.json + model.safetensors (or shards + index) in the Hugging Face layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = hub_state_dict(model)
+    dtype = next(iter(state.values())).dtype
+    config = model.cfg.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch."), "dtype": str(dtype).removeprefix("torch.")}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        old.unlink()  # never leave a stale shard next to the new ones
+    if len(shards) == 1:
+        _atomic_save(shards[0], folder / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, folder / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
