@@ -1,0 +1,12 @@
+"""Preprocessing for LFM2-VL: settings, tiling plan, image loading, chat rendering, the Processor.
+
+Data flow: settings.py (knobs) -> tiling.py (pure plan) -> image.py (pixels -> crops) -> patches.py
+(crops -> encoder input); chat.py (messages -> prompt) and tokens.py (tokenizer) -> processor.py.
+"""
+
+from .image import ImageError, load_image
+from .processor import Processor
+from .settings import ImageSettings
+from .tiling import TilePlan, plan_tiles
+
+__all__ = ["ImageError", "ImageSettings", "Processor", "TilePlan", "load_image", "plan_tiles"]
