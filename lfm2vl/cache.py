@@ -58,10 +58,6 @@ class HybridCache:
         self.mask[:, self.length : self.length + t] = True if new is None else new.bool()
         return self.mask[:, : self.length + t]
 
-    def next_positions(self, key_mask: torch.Tensor, t: int) -> torch.Tensor:
-        """RoPE positions (B, T) of the newest T entries: the count of real tokens before each."""
-        return (key_mask.long().cumsum(-1)[:, -t:] - 1).clamp(min=0)
-
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
         end = self.length + t

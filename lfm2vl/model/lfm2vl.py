@@ -18,11 +18,6 @@ from .text import TextModel
 from .vision import VisionEncoder
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) 0/1 mask -> positions counting real tokens only, so a left-padded row matches itself alone."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class Lfm2Vl(nn.Module):
     def __init__(self, cfg: Lfm2VlConfig):
         super().__init__()
@@ -109,18 +104,27 @@ class Lfm2Vl(nn.Module):
                 raise ValueError("pixel_values given without spatial_shapes")
             feats = self.encode_images(pixel_values, spatial_shapes, pixel_attention_mask)
         embeds = self.embed(input_ids, feats)
+        return self.forward_embeds(embeds, attention_mask, position_ids, cache, logits_to_keep)
+
+    def forward_embeds(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Merged embeddings (B, T, D) -> logits; with a cache, T new positions after the cached ones."""
+        b, t, _ = embeds.shape
         past = cache.length if cache is not None else 0
         key_mask = None if attention_mask is None else attention_mask.bool()
         if cache is not None:
-            key_mask = cache.extend_mask(key_mask, input_ids.shape[1])  # (B, past+T)
+            key_mask = cache.extend_mask(key_mask, t)  # (B, past+T)
         if position_ids is None:
-            if cache is not None:
-                position_ids = cache.next_positions(key_mask, input_ids.shape[1])
-            elif attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)
+            if key_mask is not None:
+                position_ids = (key_mask.long().cumsum(-1)[:, -t:] - 1).clamp(min=0)
             else:
-                position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
-                position_ids = position_ids.expand(input_ids.shape[0], -1)
+                position_ids = torch.arange(past, past + t, device=embeds.device).expand(b, -1)
         hidden = self.language_model(embeds, position_ids, key_mask, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

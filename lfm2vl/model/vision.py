@@ -25,12 +25,13 @@ def _resize_weights(out_size: int, grid: int) -> torch.Tensor:
     Triangle filter widened by the downscale factor and normalised per output, as
     `F.interpolate(..., "bilinear", antialias=True)` and transformers v5 compute it.
     """
-    scale = grid / out_size
-    support = max(scale, 1.0)
-    center = (torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5  # (out,)
-    source = torch.arange(grid, dtype=torch.float32)  # (grid,)
-    w = (1 - (source[None, :] - center[:, None]).abs() / support).clamp(min=0)  # (out, grid)
-    return w / w.sum(-1, keepdim=True)
+    with torch.inference_mode(False):  # cached: must stay usable by later autograd (training) calls
+        scale = grid / out_size
+        support = max(scale, 1.0)
+        center = (torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5  # (out,)
+        source = torch.arange(grid, dtype=torch.float32)  # (grid,)
+        w = (1 - (source[None, :] - center[:, None]).abs() / support).clamp(min=0)  # (out, grid)
+        return w / w.sum(-1, keepdim=True)
 
 
 def resize_position_grid(table: torch.Tensor, grid: int, h: int, w: int) -> torch.Tensor:
