@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .completion import Completion, checkpoint_defaults, normalize_conversations, run
 from .config import Lfm2VlConfig
 from .hub import resolve
 from .model.lfm2vl import Lfm2Vl
+from .sampling import RECOMMENDED, SamplingParams
 from .weights import CheckpointError, load_weights, save_weights, stored_dtype
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class Model:
         self.module = module
         self.processor = processor
         self.source = source
+        self.default_params, self.eos_token_ids = checkpoint_defaults(source)
 
     @property
     def config(self) -> Lfm2VlConfig:
@@ -82,6 +86,71 @@ class Model:
             if "spatial_shapes" in moved:
                 moved["spatial_shapes"] = inputs["spatial_shapes"]  # shapes stay on the CPU (no device sync)
             return self.module(**moved)
+
+    # -- generation ---------------------------------------------------------------------------
+    def sampling_params(self, preset: str | None = None, **overrides: Any) -> SamplingParams:
+        """Checkpoint defaults (greedy unless generation_config.json says otherwise), then a preset, then overrides.
+
+        preset="recommended" is the model card's text sampling: temperature 0.1, min_p 0.15,
+        repetition_penalty 1.05.
+        """
+        params = self.default_params
+        if preset == "recommended":
+            params = params.with_overrides(
+                temperature=RECOMMENDED.temperature, min_p=RECOMMENDED.min_p,
+                repetition_penalty=RECOMMENDED.repetition_penalty,
+            )
+        elif preset not in (None, "greedy", "default"):
+            raise ValueError(f"unknown sampling preset {preset!r}; use 'recommended' or 'greedy'")
+        if preset == "greedy":
+            params = params.with_overrides(temperature=0.0)
+        return params.with_overrides(**overrides)
+
+    def _split_options(self, options: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+        sampling_keys = set(SamplingParams.__dataclass_fields__)
+        image_keys = set(self.processor.settings.__dataclass_fields__) if self.processor is not None else set()
+        unknown = sorted(set(options) - sampling_keys - image_keys - {"preset"})
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {unknown}; sampling options: {sorted(sampling_keys)}; "
+                f"image options: {sorted(image_keys - {'unknown_keys'})}"
+            )
+        sampling = {k: v for k, v in options.items() if k in sampling_keys}
+        image = {k: v for k, v in options.items() if k in image_keys and v is not None}
+        return self.sampling_params(options.get("preset"), **sampling), image
+
+    def complete(self, messages: Any, **options: Any) -> list[Completion]:
+        """Like `generate`, but returns `Completion`s (text, token ids, finish reason, prompt tokens)."""
+        convs, _ = normalize_conversations(messages)
+        params, image = self._split_options(options)
+        done: list[Completion] = []
+        for _row, _piece, done in run(self, convs, params, self.eos_token_ids, image):
+            pass
+        return done
+
+    def generate(self, messages: Any, **options: Any) -> str | list[str]:
+        """Reply to one conversation (-> str) or a list of conversations (-> list[str], batched).
+
+        messages: [{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+        {"type": "text", "text": "What is this?"}]}]; images as paths, PIL images, bytes or data URLs.
+        options: sampling (max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
+        repetition_penalty, seed, stop, stop_token_ids, min_new_tokens, ignore_eos, preset) and
+        image settings (max_image_tokens, min_image_tokens, do_image_splitting, min_tiles,
+        max_tiles, use_thumbnail, tile_size, max_pixels_tolerance, resample).
+        """
+        _, batched = normalize_conversations(messages)
+        texts = [c.text for c in self.complete(messages, **options)]
+        return texts if batched else texts[0]
+
+    def stream(self, messages: Any, **options: Any) -> Iterator[str]:
+        """Yield the reply to one conversation piece by piece (same options as `generate`)."""
+        convs, batched = normalize_conversations(messages)
+        if batched:
+            raise TypeError("stream() takes one conversation; use generate() for a batch")
+        params, image = self._split_options(options)
+        for _row, piece, _done in run(self, convs, params, self.eos_token_ids, image):
+            if piece:
+                yield piece
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Model:
         self.module.to(device=device, dtype=parse_dtype(dtype))
@@ -131,12 +200,9 @@ def load(
     module = load_weights(folder, cfg, device, dtype)
     processor = None
     if (folder / "tokenizer.json").exists():
-        try:  # TEMP-PROCESSOR-GUARD until processing lands
-            from .processing.processor import Processor
+        from .processing.processor import Processor
 
-            processor = Processor.from_pretrained(folder)
-        except ModuleNotFoundError:
-            processor = None
+        processor = Processor.from_pretrained(folder)
     else:
         log.warning("%s has no tokenizer.json: the model loads, but text/image processing is unavailable", folder)
     return Model(module, processor, folder)
