@@ -1,4 +1,4 @@
-"""`lfm2vl` command line: generate (one question), chat (an interactive session).
+"""`lfm2vl` command line: generate (one question), chat (an interactive session), eval (a task score).
 
 Thin wrappers over `lfm2vl.load()` and `Model.generate` / `Model.stream`; every option maps to
 one documented keyword. Without --model the bundled model is used.
@@ -134,6 +134,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pending = []
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.harness import evaluate
+
+    model = _load(args)
+    summary = evaluate(model, args.task, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, predictions=args.predictions)
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None)
     _add_generation_args(c)
     c.set_defaults(func=cmd_chat)
+    e = sub.add_parser("eval", help="score a model on an evaluation task (last stdout line: one JSON object)")
+    _add_model_args(e)
+    e.add_argument("--task", required=True, help="easyvqa")
+    e.add_argument("--split", default="test")
+    e.add_argument("--limit", type=int, default=None, help="first N examples only")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument("--predictions", default=None, help="write per-sample predictions to this JSONL file")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

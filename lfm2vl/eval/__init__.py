@@ -1,0 +1,1 @@
+"""Evaluation harness: one file per task under `tasks/`, run through the public generation API."""
