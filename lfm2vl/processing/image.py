@@ -202,6 +202,10 @@ def resize(image: torch.Tensor, height: int, width: int, resample: str) -> torch
     if image.shape[-2:] == (height, width):
         return image
     x = image[None]  # (1, C, H, W)
+    if x.is_contiguous(memory_format=torch.channels_last) and x.stride(0) != x.numel():
+        # torchvision's restride: interpolate then allocates its output channels-last too (an HWC
+        # image in, an HWC image out), which is faster to patchify; the values are the same.
+        x = x.as_strided(x.shape, (x.numel(), *x.stride()[1:]))
     if _native_uint8(resample, x.device):
         out = F.interpolate(x, size=(height, width), mode=resample, align_corners=False, antialias=True)
     else:

@@ -27,43 +27,49 @@ def _fused_stats(mean: tuple[float, ...], std: tuple[float, ...], rescale_factor
 def patchify(crop: torch.Tensor, patch: int) -> torch.Tensor:
     """(C, h, w) -> (h/p * w/p, p*p*C): row-major patches, each flattened as (py, px, c)."""
     c, h, w = crop.shape
-    x = crop.reshape(c, h // patch, patch, w // patch, patch)
-    return x.permute(1, 3, 2, 4, 0).reshape((h // patch) * (w // patch), patch * patch * c)
+    return _patch_view(crop, patch).reshape((h // patch) * (w // patch), patch * patch * c)
 
 
-def normalize_into(out: torch.Tensor, patches_u8: torch.Tensor, s: ImageSettings) -> torch.Tensor:
-    """Write normalized float32 patches into `out` (n, 768) in place; returns `out`."""
+def _patch_view(crop: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, h, w) -> a (h/p, w/p, p, p, C) view; cheap to copy from when the crop is channels-last."""
+    c, h, w = crop.shape
+    return crop.reshape(c, h // patch, patch, w // patch, patch).permute(1, 3, 2, 4, 0)
+
+
+def _gather_u8(crops: list[torch.Tensor], rows: list[torch.Tensor], patch: int) -> None:
+    """Copy each crop's patches straight into its (n, 768) uint8 destination rows."""
+    for crop, dest in zip(crops, rows):
+        c, h, w = crop.shape
+        dest.view(h // patch, w // patch, patch, patch, c).copy_(_patch_view(crop, patch))
+
+
+def _normalize_(values: torch.Tensor, s: ImageSettings) -> torch.Tensor:
+    """In place on float32 (..., 768): (x - mean*255) / (std*255), as the reference fuses it."""
     mean, std = _fused_stats(s.image_mean, s.image_std, s.rescale_factor, s.encoder_patch_size)
-    out.copy_(patches_u8)
-    return out.sub_(mean).div_(std)
+    return values.sub_(mean).div_(std)
 
 
+# A few large tensor ops rather than several per crop: cheaper, and far less sensitive to a busy
+# CPU when torch runs more than one thread.
 def crops_to_padded(
     crops: list[torch.Tensor], s: ImageSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 crops -> pixel_values (N, P, 768) float32, pixel_attention_mask (N, P) int32,
     spatial_shapes (N, 2) int64, with P = settings.max_num_patches (zero rows, mask 0, as padding)."""
     p, limit = s.encoder_patch_size, s.max_num_patches
-    values = torch.zeros(len(crops), limit, s.patch_dim)  # (N, P, 768)
-    mask = torch.zeros(len(crops), limit, dtype=torch.int32)  # (N, P)
-    shapes = []
-    for i, crop in enumerate(crops):
-        patches = patchify(crop, p)  # (n, 768) uint8
-        n = patches.shape[0]
-        normalize_into(values[i, :n], patches, s)
-        mask[i, :n] = 1
-        shapes.append((crop.shape[1] // p, crop.shape[2] // p))
+    shapes = [(crop.shape[1] // p, crop.shape[2] // p) for crop in crops]
+    counts = torch.tensor([h * w for h, w in shapes], dtype=torch.int64)
+    u8 = torch.empty(len(crops), limit, s.patch_dim, dtype=torch.uint8)  # (N, P, 768)
+    _gather_u8(crops, [u8[i, :n] for i, n in enumerate(counts.tolist())], p)
+    mask = (torch.arange(limit)[None, :] < counts[:, None]).to(torch.int32)  # (N, P)
+    values = _normalize_(u8.to(torch.float32), s).masked_fill_(mask[..., None] == 0, 0.0)  # pads: +0.0
     return values, mask, torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
 
 
 def crops_to_packed(crops: list[torch.Tensor], s: ImageSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 crops -> pixel_values (sum_n, 768) float32 without padding, spatial_shapes (N, 2) int64."""
     p = s.encoder_patch_size
-    patches = [patchify(crop, p) for crop in crops]
-    values = torch.empty(sum(x.shape[0] for x in patches), s.patch_dim)  # (sum_n, 768)
-    start = 0
-    for x in patches:
-        normalize_into(values[start:start + x.shape[0]], x, s)
-        start += x.shape[0]
     shapes = [(crop.shape[1] // p, crop.shape[2] // p) for crop in crops]
-    return values, torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
+    u8 = torch.empty(sum(h * w for h, w in shapes), s.patch_dim, dtype=torch.uint8)  # (sum_n, 768)
+    _gather_u8(crops, list(u8.split([h * w for h, w in shapes])), p)
+    return _normalize_(u8.to(torch.float32), s), torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
