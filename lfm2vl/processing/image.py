@@ -20,7 +20,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .patches import crops_to_packed, crops_to_padded, patchify  # noqa: F401  (
 from .settings import DEFAULT_MAX_IMAGE_PIXELS
 from .tiling import TilePlan
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, torch.Tensor]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
 # PIL modes whose convert("RGB") clips to 0..255 rather than scaling: the result would be garbage.
 _UNSUPPORTED_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32B", "I;32L"}

@@ -38,7 +38,7 @@ def _patch_view(crop: torch.Tensor, patch: int) -> torch.Tensor:
 
 def _gather_u8(crops: list[torch.Tensor], rows: list[torch.Tensor], patch: int) -> None:
     """Copy each crop's patches straight into its (n, 768) uint8 destination rows."""
-    for crop, dest in zip(crops, rows):
+    for crop, dest in zip(crops, rows, strict=True):
         c, h, w = crop.shape
         dest.view(h // patch, w // patch, patch, patch, c).copy_(_patch_view(crop, patch))
 

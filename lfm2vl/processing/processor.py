@@ -174,11 +174,11 @@ class Processor:
             )
         loaded = [[load_image(src, settings.max_image_pixels) for src in sample] for sample in images]
         plans = [[plan_tiles(int(im.shape[2]), int(im.shape[1]), settings) for im in sample] for sample in loaded]
-        expanded = [self._expand(t, p, settings, marked) for t, p in zip(texts, plans)]
+        expanded = [self._expand(t, p, settings, marked) for t, p in zip(texts, plans, strict=True)]
         encode = self.text.encode_marked if marked else self.text.encode
         out = self._pad([encode(t) for t in expanded])
-        crops = [c for sample, sample_plans in zip(loaded, plans) for im, plan in zip(sample, sample_plans)
-                 for c in make_crops(im, plan, settings.resample)]
+        pairs = [(im, plan) for ims, ps in zip(loaded, plans, strict=True) for im, plan in zip(ims, ps, strict=True)]
+        crops = [crop for im, plan in pairs for crop in make_crops(im, plan, settings.resample)]  # batch order
         if crops and packed:
             out["pixel_values"], out["spatial_shapes"] = crops_to_packed(crops, settings)
         elif crops:
