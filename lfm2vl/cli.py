@@ -1,4 +1,5 @@
-"""`lfm2vl` command line: generate (one question), chat (an interactive session), eval (a task score).
+"""`lfm2vl` command line: generate (one question), chat (an interactive session), eval (a task score),
+train (fine-tuning; lfm2vl/train/command.py).
 
 Thin wrappers over `lfm2vl.load()` and `Model.generate` / `Model.stream`; every option maps to
 one documented keyword. Without --model the bundled model is used.
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=8)
     e.add_argument("--predictions", default=None, help="write per-sample predictions to this JSONL file")
     e.set_defaults(func=cmd_eval)
+    from .train.command import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -15,7 +15,8 @@ ALLOWED = {
     "hub": set(),
     "weights": {"config", "model"},
     "generate": {"config", "model", "cache", "sampling"},
-    "textstream": {"processing"},
+    "textstream": set(),
+    "completion": {"generate", "sampling", "textstream"},
 }
 FORBIDDEN_EVERYWHERE = {"transformers", "torchvision"}
 

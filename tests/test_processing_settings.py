@@ -110,14 +110,35 @@ def _layout(src, dst, processor_config, preprocessor_config):
 @pytest.mark.parametrize("name, processor_config, preprocessor_config", [
     ("nested_only", {"processor_class": "Lfm2VlProcessor", "image_processor": NESTED}, None),
     ("preprocessor_only", None, PRE),
-    ("preprocessor_and_legacy", LEGACY, PRE),  # the Hub repos: legacy top-level keys are ignored
-    ("nested_and_preprocessor", {"processor_class": "Lfm2VlProcessor", "image_processor": NESTED}, PRE),
-    ("nested_and_legacy_top_level", {**LEGACY, "image_processor": NESTED}, None),
 ])
-def test_precedence_matches_transformers(processor_ckpt, tmp_path, name, processor_config, preprocessor_config):
+def test_single_source_matches_transformers(processor_ckpt, tmp_path, name, processor_config, preprocessor_config):
     folder = _layout(processor_ckpt, tmp_path / name, processor_config, preprocessor_config)
     ip = reference.load_reference_processor(folder).image_processor
     assert _ours(ImageSettings.from_pretrained(folder)) == _reference_settings(ip)
+
+
+@pytest.mark.parametrize("name, processor_config, preprocessor_config, from_lower", [
+    # the Hub repos: preprocessor_config.json + legacy top-level keys; the preprocessor wins where both set a key
+    ("preprocessor_and_legacy", LEGACY, PRE,
+     dict(use_thumbnail=False, max_pixels_tolerance=1.5, min_image_tokens=32, max_tiles=4, use_image_special_tokens=False)),
+    ("nested_and_preprocessor", {"processor_class": "Lfm2VlProcessor", "image_processor": NESTED}, PRE,
+     dict(resample="bicubic", min_tiles=3)),
+    ("nested_and_legacy_top_level", {**LEGACY, "image_processor": NESTED}, None,
+     dict(max_pixels_tolerance=1.5, min_image_tokens=32, max_tiles=4, use_image_special_tokens=False)),
+])
+def test_sources_are_merged_with_transformers_precedence(processor_ckpt, tmp_path, name, processor_config,
+                                                         preprocessor_config, from_lower):
+    """Keys set by several files follow transformers' order; keys only a lower file sets are used too."""
+    folder = _layout(processor_ckpt, tmp_path / name, processor_config, preprocessor_config)
+    ip = reference.load_reference_processor(folder).image_processor
+    expected = {**_reference_settings(ip), **from_lower}
+    ours = ImageSettings.from_pretrained(folder)
+    assert {**_ours(ours), "use_image_special_tokens": ours.use_image_special_tokens} == \
+        {"use_image_special_tokens": True, **expected}
+    top = NESTED if "nested" in name else PRE
+    for key, value in top.items():  # the highest source wins every conflict
+        if key in expected and key != "resample":
+            assert expected[key] == value, key
 
 
 def test_legacy_only_layout_is_read(processor_ckpt, tmp_path):
@@ -131,12 +152,12 @@ def test_legacy_only_layout_is_read(processor_ckpt, tmp_path):
     assert s.use_image_special_tokens is False
 
 
-def test_ignored_legacy_keys_are_reported(processor_ckpt, tmp_path, caplog):
+def test_knobs_from_lower_sources_are_reported(processor_ckpt, tmp_path, caplog):
     folder = _layout(processor_ckpt, tmp_path / "both", LEGACY, PRE)
     with caplog.at_level(logging.WARNING, logger="lfm2vl"):
         s = ImageSettings.from_pretrained(folder)
-    assert s.max_pixels_tolerance == 2.0
-    assert "max_pixels_tolerance=1.5" in caplog.text and "preprocessor_config.json" in caplog.text
+    assert s.max_pixels_tolerance == 1.5 and s.max_image_tokens == 128  # legacy fills a gap; PRE wins a conflict
+    assert "max_pixels_tolerance" in caplog.text and "lower-precedence" in caplog.text
 
 
 def test_saved_by_transformers_round_trips(processor_ckpt):

@@ -144,9 +144,19 @@ class Processor:
         images: Any = None,
         *,
         packed: bool = False,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
         **image_settings: Any,
     ) -> dict[str, torch.Tensor]:
-        """Prompt text(s) with one "<image>" per image -> model inputs (see the module docstring)."""
+        """Prompt text(s) with one "<image>" per image -> model inputs (see the module docstring).
+
+        `return_tensors="pt"` and `padding=True` are accepted so reference-style calls work
+        unchanged; outputs are always torch tensors, batches always padded (to the longest).
+        """
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r}: only PyTorch tensors ('pt') are returned")
+        if padding not in (True, "longest"):
+            raise ValueError(f"padding={padding!r}: batches are always padded to the longest prompt")
         if text is None:
             raise ValueError("text is required: a prompt with one <image> placeholder per image")
         texts = [text] if isinstance(text, str) else list(text)

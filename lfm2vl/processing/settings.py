@@ -1,18 +1,18 @@
 """Image-processing settings: every knob of the LFM2-VL image processor, read from the checkpoint.
 
 Mirrors the class defaults and kwargs of `Lfm2VlImageProcessor` (transformers
-`models/lfm2_vl/image_processing_lfm2_vl.py`). Where the settings come from follows transformers'
-own loading (`ImageProcessingMixin.get_image_processor_dict`): exactly one source is read, in this
-order, and the fields it does not name keep the class defaults:
+`models/lfm2_vl/image_processing_lfm2_vl.py`). A checkpoint may describe its image processor in
+three places, and the released repos split their knobs between two of them (PEERS §0,
+mlx-vlm#2266), so all three are merged; where two set the same key, the higher one wins, in
+transformers' order of precedence (`ImageProcessingMixin.get_image_processor_dict`):
 
 1. `processor_config.json["image_processor"]` (what transformers 5.x `save_pretrained` writes);
 2. `preprocessor_config.json` (the Hub repos of the released models);
-3. the flat, legacy keys of `processor_config.json` (Liquid's original remote-code layout, which
-   transformers cannot load at all; we accept it).
+3. the flat, legacy keys of `processor_config.json` (Liquid's original remote-code layout).
 
-Sources of lower rank are not merged in: transformers ignores them, and so do we (with a warning
-when they disagree). `ImageSettings` is frozen and validated on construction, so a bad per-call
-override fails before any pixel is touched.
+transformers itself reads only the highest source that exists; a knob we take from a lower one
+is logged, since there our settings (deliberately) differ from its defaults. `ImageSettings` is
+frozen and validated on construction, so a bad per-call override fails before any pixel is touched.
 """
 
 from __future__ import annotations
@@ -159,20 +159,15 @@ class ImageSettings:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ImageSettings:
-        """Read a checkpoint folder with transformers' precedence (module docstring)."""
+        """Read a checkpoint folder: all three sources merged, higher ones winning (module docstring)."""
         folder = Path(folder)
-        processor = _read_json(folder / "processor_config.json")
-        preprocessor = _read_json(folder / "preprocessor_config.json")
-        legacy = {k: v for k, v in (processor or {}).items() if k != "image_processor"}
-        if processor is not None and isinstance(processor.get("image_processor"), dict):
-            chosen, source = processor["image_processor"], "processor_config.json[image_processor]"
-        elif preprocessor is not None:
-            chosen, source = preprocessor, "preprocessor_config.json"
-        else:
-            chosen, source = legacy, "processor_config.json (legacy flat keys)"
-        settings = cls.from_dict(chosen)
-        if chosen is not legacy:
-            _warn_ignored_legacy(legacy, settings, source)
+        processor = _read_json(folder / "processor_config.json") or {}
+        preprocessor = _read_json(folder / "preprocessor_config.json") or {}
+        nested = processor.get("image_processor") if isinstance(processor.get("image_processor"), dict) else {}
+        legacy = {k: v for k, v in processor.items() if k != "image_processor"}
+        merged = {**legacy, **preprocessor, **nested}
+        settings = cls.from_dict(merged)
+        _report_lower_sources(legacy, preprocessor, nested)
         return settings
 
 
@@ -194,21 +189,20 @@ def _check_supported(config: dict[str, Any]) -> None:
             raise ValueError(f"{key}=false is not supported: LFM2-VL encoders expect rescaled, normalized pixels")
 
 
-def _warn_ignored_legacy(legacy: dict[str, Any], settings: ImageSettings, source: str) -> None:
-    differing = []
-    for key, value in legacy.items():
-        name = _ALIASES.get(key, key)
-        if name in _field_names():
-            try:
-                same = getattr(settings.with_overrides(**{name: value}), name) == getattr(settings, name)
-            except ValueError:
-                same = False
-            if not same:
-                differing.append(f"{key}={value!r}")
-    if differing:
+def _report_lower_sources(legacy: dict[str, Any], preprocessor: dict[str, Any], nested: dict[str, Any]) -> None:
+    """Say which knobs came from a source transformers would not read (it reads only the highest one)."""
+    valid = _field_names() | set(_ALIASES)
+    if nested:
+        from_lower = sorted(k for k in {**legacy, **preprocessor} if k in valid and k not in nested)
+    elif preprocessor:
+        from_lower = sorted(k for k in legacy if k in valid and k not in preprocessor)
+    else:
+        return
+    if from_lower:
         log.warning(
-            "processor_config.json top-level keys %s are ignored: image settings come from %s "
-            "(transformers does the same); pass them per call to use them", differing, source,
+            "image settings %s come from a lower-precedence config file (processor_config.json top-level keys or "
+            "preprocessor_config.json); transformers reads only the highest one and would use its defaults there",
+            from_lower,
         )
 
 
