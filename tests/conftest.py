@@ -38,3 +38,36 @@ def processor_ckpt(tmp_path_factory):
     )
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Preprocessing is elementwise and bandwidth-bound: one thread gives the same bits, and on a
+    busy 2-core machine avoids OpenMP threads waiting on each other (10x slower ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def procs(processor_ckpt):
+    """(ours, reference) processors of the same checkpoint folder."""
+    import reference
+    from lfm2vl.processing.processor import Processor
+
+    return Processor.from_pretrained(processor_ckpt), reference.load_reference_processor(processor_ckpt)
+
+
+@pytest.fixture(scope="session")
+def tiny_train_ckpt(tmp_path_factory):
+    from test_train_utils import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="session")
+def color_data(tmp_path_factory):
+    from test_train_utils import make_color_data
+
+    return make_color_data(tmp_path_factory.mktemp("data"))

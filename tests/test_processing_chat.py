@@ -19,17 +19,9 @@ from lfm2vl.train.tokenizer import build_tokenizer
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Preprocessing is elementwise and bandwidth-bound: one thread gives the same bits, and on a
-    busy 2-core machine avoids OpenMP threads waiting on each other (10x slower ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-@pytest.fixture(scope="module")
-def procs(processor_ckpt):
-    return Processor.from_pretrained(processor_ckpt), reference.load_reference_processor(processor_ckpt)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 
 def noise(w, h, seed=0):

@@ -6,8 +6,6 @@ import pytest
 import torch
 from PIL import Image
 
-import reference
-from lfm2vl.processing import Processor
 from test_processing_tiling import MATRIX, REQUIRED_SIZES, SIZES
 
 RESAMPLES = (2, 3)  # bilinear, bicubic (the LFM2-VL checkpoints ship 3)
@@ -15,17 +13,9 @@ KEYS = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Preprocessing is elementwise and bandwidth-bound: one thread gives the same bits, and on a
-    busy 2-core machine avoids OpenMP threads waiting on each other (10x slower ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-@pytest.fixture(scope="module")
-def procs(processor_ckpt):
-    return Processor.from_pretrained(processor_ckpt), reference.load_reference_processor(processor_ckpt)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 
 def noise(w: int, h: int) -> Image.Image:

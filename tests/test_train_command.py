@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
-from test_train_utils import make_color_data, make_tiny_checkpoint
+
 
 from lfm2vl.train import Stage, TrainConfig
 from lfm2vl.train.command import add_parser, build_config, main
 
 
-@pytest.fixture(scope="module")
-def tiny_train_ckpt(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def color_data(tmp_path_factory) -> Path:
-    return make_color_data(tmp_path_factory.mktemp("data"))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from test_train_utils import make_color_data, make_tiny_checkpoint, write_images, write_jsonl
+from test_train_utils import write_images, write_jsonl
 
 import lfm2vl
 from lfm2vl.train.batch import IGNORE, assistant_labels, collate, encode
 from lfm2vl.train.data import DataError, open_data, read_jsonl
 
 
-@pytest.fixture(scope="module")
-def tiny_train_ckpt(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def color_data(tmp_path_factory) -> Path:
-    return make_color_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

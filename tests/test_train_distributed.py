@@ -7,25 +7,16 @@ per-step losses, gradient norms, the held-out loss and the final weights agree t
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from test_train_utils import make_color_data, make_tiny_checkpoint, python, run_script, start
+from test_train_utils import python, run_script, start
 
 import lfm2vl
 from lfm2vl.train import Stage, TrainConfig
 from lfm2vl.train.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def tiny_train_ckpt(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def color_data(tmp_path_factory) -> Path:
-    return make_color_data(tmp_path_factory.mktemp("data"))
 
 
 def _config(out, ckpt, data, batch_size: int) -> TrainConfig:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from test_train_utils import make_color_data, make_text_data, make_tiny_checkpoint
+from test_train_utils import make_text_data
 
 import lfm2vl
 from lfm2vl.train import LoraConfig, Stage, TrainConfig, load_adapter, run
 from lfm2vl.train.metrics import read_metrics
 
 
-@pytest.fixture(scope="module")
-def tiny_train_ckpt(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def color_data(tmp_path_factory) -> Path:
-    return make_color_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,8 @@ position, data-stream positions of a text/image mixture, and the dropout RNG (Lo
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
-import pytest
-from test_train_utils import make_color_data, make_text_data, make_tiny_checkpoint, python, run_script, start
+from test_train_utils import make_text_data, python, run_script, start
 
 from lfm2vl.train import LoraConfig, Stage, TrainConfig
 from lfm2vl.train.checkpoint import latest
@@ -21,14 +19,6 @@ from lfm2vl.train.metrics import read_metrics
 KEYS = ("step", "stage", "loss", "lr", "grad_norm", "targets", "tokens")
 
 
-@pytest.fixture(scope="module")
-def tiny_train_ckpt(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def color_data(tmp_path_factory) -> Path:
-    return make_color_data(tmp_path_factory.mktemp("data"))
 
 
 def _config(out, ckpt, data, text, resume=False) -> TrainConfig:
