@@ -107,11 +107,12 @@ def test_gray_and_rgba_arrays_convert_like_the_reference(procs, channels):
 
 
 @pytest.mark.parametrize("mode, dtype", [("I;16", np.uint16), ("I", np.int32), ("F", np.float32)])
-def test_high_bit_depth_modes_are_refused(mode, dtype):
-    image = Image.fromarray((np.arange(200).reshape(10, 20) * 300).astype(dtype))
+def test_high_bit_depth_modes_convert_like_the_reference_with_a_warning(procs, mode, dtype, caplog):
+    image = Image.fromarray((np.arange(200 * 150).reshape(150, 200) % 700).astype(dtype))
     assert image.mode == mode
-    with pytest.raises(ImageError, match="clipped"):  # PIL's convert("RGB") would clip them to 255
-        load_image(image)
+    with caplog.at_level("WARNING", logger="lfm2vl"):
+        _assert_same_pixels(procs, image, image, do_convert_rgb=True)
+    assert "clipped" in caplog.text  # PIL's convert("RGB") clips at 255: said, not silent
 
 
 def test_animated_image_gives_its_first_frame(tmp_path, procs):

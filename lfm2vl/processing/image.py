@@ -13,9 +13,12 @@ processor passes checkpoints' `resample` straight to it; SPEC §5.4).
 
 from __future__ import annotations
 
+import logging
+
 import base64
 import binascii
 import io
+import logging
 import os
 import platform
 import warnings
@@ -34,7 +37,10 @@ from .tiling import TilePlan
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
 # PIL modes whose convert("RGB") clips to 0..255 rather than scaling: the result would be garbage.
-_UNSUPPORTED_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32B", "I;32L"}
+# High-bit-depth modes: PIL's convert("RGB") (what the reference does) clips them at 255 rather than
+# scaling; we convert the same way, for identical pixels, and say so.
+log = logging.getLogger("lfm2vl")
+_CLIPPED_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32B", "I;32L"}
 
 
 class ImageError(ValueError):
@@ -122,11 +128,11 @@ def _from_pil(image: Image.Image, max_pixels: int) -> torch.Tensor:
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, TypeError) as e:
         raise ImageError(f"image could not be decoded, truncated or corrupt: {e}") from e
-    if image.mode in _UNSUPPORTED_MODES:
-        raise ImageError(
-            f"PIL mode {image.mode!r} ({'float' if image.mode == 'F' else 'high bit depth'}) would be clipped, "
-            "not scaled, when converted to 8-bit RGB; convert it yourself first, e.g. "
-            "Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data"
+    if image.mode in _CLIPPED_MODES:
+        log.warning(
+            "PIL mode %r is converted to 8-bit RGB as the reference does (values above 255 are clipped, not "
+            "scaled); for 16-bit data scale it first, e.g. Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))",
+            image.mode,
         )
     try:
         rgb = _pil_to_rgb(image)
