@@ -13,8 +13,6 @@ processor passes checkpoints' `resample` straight to it; SPEC §5.4).
 
 from __future__ import annotations
 
-import logging
-
 import base64
 import binascii
 import io
