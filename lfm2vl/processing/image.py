@@ -34,7 +34,6 @@ from .tiling import TilePlan
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray | torch.Tensor
 
-# PIL modes whose convert("RGB") clips to 0..255 rather than scaling: the result would be garbage.
 # High-bit-depth modes: PIL's convert("RGB") (what the reference does) clips them at 255 rather than
 # scaling; we convert the same way, for identical pixels, and say so.
 log = logging.getLogger("lfm2vl")
