@@ -186,12 +186,15 @@ def test_config_that_does_not_match_weights(ckpt, tmp_path):
 
 def _peak_load_growth(folder) -> tuple[int, int]:
     """(peak RSS growth while loading in a fresh process, bytes of weights on disk)."""
+    # VmHWM (this process's own high-water mark; ru_maxrss would carry the parent's peak across exec)
     script = textwrap.dedent(f"""
-        import resource, torch, lfm2vl
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        import torch, lfm2vl
+        def hwm():
+            line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024
+        base = hwm()
         m = lfm2vl.load({str(folder)!r}, dtype=torch.bfloat16)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(peak - base)
+        print(hwm() - base)
     """)
     grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     return grown, sum(p.stat().st_size for p in folder.glob("*.safetensors"))
@@ -213,7 +216,7 @@ def test_peak_memory_is_one_copy(tmp_path):
     """A ~240 MB checkpoint: peak RSS growth while loading stays well under two copies."""
     _random_checkpoint(tmp_path, lfm2vl.preset("LFM2-VL-450M").with_text(num_hidden_layers=2, layer_types=("conv", "full_attention")))
     grown, size = _peak_load_growth(tmp_path)
-    assert grown < 1.3 * size, f"loading grew RSS by {grown / size:.2f}x the weights"
+    assert 0.8 * size < grown < 1.3 * size, f"loading grew peak RSS by {grown / size:.2f}x the weights"
 
 
 @pytest.mark.slow
@@ -222,7 +225,7 @@ def test_peak_memory_full_450m(tmp_path):
     _random_checkpoint(tmp_path, lfm2vl.preset("LFM2-VL-450M"))
     grown, size = _peak_load_growth(tmp_path)
     print(f"450M: {size / 1e6:.1f} MB on disk, peak RSS growth {grown / 1e6:.1f} MB ({grown / size:.2f}x)")
-    assert grown < 1.3 * size, f"loading grew RSS by {grown / size:.2f}x the weights"
+    assert 0.8 * size < grown < 1.3 * size, f"loading grew RSS by {grown / size:.2f}x the weights"
 
 
 # -- the Hub path, against a cache laid out as huggingface_hub lays it out -------------------------------
