@@ -83,9 +83,3 @@ class HybridCache:
         for i, s in snap.conv.items():
             self.conv[i].copy_(s)
         self.mask.copy_(snap.mask)
-
-    def reset(self) -> None:
-        self.length = 0
-        for s in self.conv.values():
-            s.zero_()
-        self.mask.zero_()

@@ -98,12 +98,6 @@ def run(
             done[row].text, done[row].finish_reason = s.text, s.finish_reason
             if piece:
                 yield row, piece, done
-        if all(s.finished for s in streams):
+        if all(s.finished for s in streams):  # every row ends by max_new_tokens at the latest
             break
-    for row, s in enumerate(streams):  # the engine stopped at max_new_tokens
-        if not s.finished:
-            piece = s.finish("length")
-            done[row].text, done[row].finish_reason = s.text, s.finish_reason
-            if piece:
-                yield row, piece, done
     yield -1, "", done

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import Lfm2VlConfig
-from .projector import Projector, tokens_per_crop
+from .projector import Projector
 from .text import TextModel
 from .vision import VisionEncoder
 
@@ -58,10 +58,6 @@ class Lfm2Vl(nn.Module):
             raise ValueError(f"pixel_values must be (N, P, 768) or (N_real, 768), got {tuple(pixel_values.shape)}")
         features = self.vision_tower(patches, shapes)  # (N_real, Cv)
         return self.multi_modal_projector(features, shapes)  # (N_tokens, D)
-
-    def image_token_counts(self, spatial_shapes: torch.Tensor | list) -> list[int]:
-        shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
-        return tokens_per_crop([(int(h), int(w)) for h, w in shapes], self.cfg.downsample_factor)
 
     # -- text -----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:

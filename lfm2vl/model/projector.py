@@ -28,10 +28,6 @@ def pixel_unshuffle(features: torch.Tensor, shapes: list[tuple[int, int]], facto
     return torch.cat(out)
 
 
-def tokens_per_crop(shapes: list[tuple[int, int]], factor: int) -> list[int]:
-    return [(h // factor) * (w // factor) for h, w in shapes]
-
-
 class Projector(nn.Module):
     def __init__(self, cfg: Lfm2VlConfig):
         super().__init__()
