@@ -5,10 +5,10 @@
 """
 
 from .api import Model, load
-from .config import Lfm2VlConfig, TextConfig, VisionConfig, preset
+from .config import Lfm2VlConfig, TextConfig, VisionConfig, model_config
 
 __version__ = "0.1.0"
-__all__ = ["Lfm2VlConfig", "Model", "Processor", "TextConfig", "VisionConfig", "load", "preset"]
+__all__ = ["Lfm2VlConfig", "Model", "Processor", "TextConfig", "VisionConfig", "load", "model_config"]
 
 
 def __getattr__(name: str):

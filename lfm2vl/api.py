@@ -1,7 +1,9 @@
 """The front door: `lfm2vl.load()` and the `Model` it returns (network + processor together).
 
-The CLI, server, trainer, evaluation and benchmarks all go through here, so device / dtype
-handling and file layout are decided in one place (STYLE §5.1b).
+The CLI, trainer, evaluation and benchmarks all go through here, so device / dtype handling and
+file layout are decided in one place. Generation runs on the model's engine (lfm2vl/engine/):
+a list of conversations is continuously batched, and repeated images and conversation prefixes
+are served from its caches.
 """
 
 from __future__ import annotations
@@ -10,25 +12,22 @@ import json
 import logging
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .completion import Completion, checkpoint_defaults, normalize_conversations, run
+from .completion import checkpoint_defaults, make_request, normalize_conversations
 from .config import Lfm2VlConfig
-from .hub import resolve
+from .engine import Completion, Engine, EngineConfig, EngineError, RequestHandle
+from .hub import SIDE_FILES, resolve
 from .model.lfm2vl import Lfm2Vl
 from .sampling import RECOMMENDED, SamplingParams
 from .weights import CheckpointError, load_weights, save_weights, stored_dtype
 
 log = logging.getLogger(__name__)
 
-# Files that travel with the weights (tokenizer, chat template, processor settings, generation defaults).
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
-)
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -66,6 +65,8 @@ class Model:
         self.processor = processor
         self.source = source
         self.default_params, self.eos_token_ids = checkpoint_defaults(source)
+        self._engine: Engine | None = None
+        self._engine_config: EngineConfig | None = None
 
     @property
     def config(self) -> Lfm2VlConfig:
@@ -73,11 +74,30 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.module.language_model.embed_tokens.weight.device
+        return self.module.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.language_model.embed_tokens.weight.dtype
+        return self.module.dtype
+
+    # -- the engine ---------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        """The continuous-batching engine every generation call runs on (built on first use)."""
+        if self._engine is None:
+            decode = self.processor.decode if self.processor is not None else None
+            config = self._engine_config or EngineConfig.for_device(self.device)
+            self._engine = Engine(self.module, decode, config)
+        return self._engine
+
+    def configure_engine(self, config: EngineConfig | None = None, **fields: Any) -> Engine:
+        """Replace the engine (slots, token budget, cache sizes; see EngineConfig) and return it."""
+        if self._engine is not None:
+            self._engine.stop(drain=True)
+        base = config or EngineConfig.for_device(self.device)
+        self._engine_config = replace(base, **fields) if fields else base
+        self._engine = None
+        return self.engine
 
     def __call__(self, **inputs: Any) -> torch.Tensor:
         """Logits (B, T, V) for the reference processor's output dict (or ours), unchanged."""
@@ -119,14 +139,27 @@ class Model:
         image = {k: v for k, v in options.items() if k in image_keys and v is not None}
         return self.sampling_params(options.get("preset"), **sampling), image
 
+    def submit(self, conversation: list[dict], **options: Any) -> RequestHandle:
+        """Queue one conversation on the engine; iterate the handle for `StreamEvent`s, or `.result()`."""
+        params, image = self._split_options(options)
+        return self.engine.submit(self._request(conversation, params, image))
+
+    def _request(self, conversation: list[dict], params: SamplingParams, image: dict[str, Any]):
+        if self.processor is None:
+            raise ValueError(f"{self.source} has no tokenizer.json / chat template: it cannot generate text")
+        return make_request(self.processor, conversation, params, self.eos_token_ids, image)
+
     def complete(self, messages: Any, **options: Any) -> list[Completion]:
-        """Like `generate`, but returns `Completion`s (text, token ids, finish reason, prompt tokens)."""
+        """Like `generate`, but returns `Completion`s (text, token ids, finish reason, token counts, timing)."""
         convs, _ = normalize_conversations(messages)
         params, image = self._split_options(options)
-        done: list[Completion] = []
-        for _row, _piece, done in run(self, convs, params, self.eos_token_ids, image):
-            pass
-        return done
+        requests = [self._request(c, params, image) for c in convs]  # every input checked before any runs
+        handles = [self.engine.submit(r) for r in requests]
+        try:
+            return [h.result() for h in handles]
+        finally:
+            for h in handles:
+                h.cancel()  # no-op for finished ones; frees slots if the caller was interrupted
 
     def generate(self, messages: Any, **options: Any) -> str | list[str]:
         """Reply to one conversation (-> str) or a list of conversations (-> list[str], batched).
@@ -147,10 +180,15 @@ class Model:
         convs, batched = normalize_conversations(messages)
         if batched:
             raise TypeError("stream() takes one conversation; use generate() for a batch")
-        params, image = self._split_options(options)
-        for _row, piece, _done in run(self, convs, params, self.eos_token_ids, image):
-            if piece:
-                yield piece
+        handle = self.submit(convs[0], **options)
+        try:
+            for event in handle:
+                if event.finish_reason == "error":
+                    raise EngineError(event.error)
+                if event.text:
+                    yield event.text
+        finally:
+            handle.cancel()
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Model:
         self.module.to(device=device, dtype=parse_dtype(dtype))

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-PRESETS = ("recommended", "greedy")
+SAMPLING_PRESETS = ("recommended", "greedy")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, i.e. greedy)")
-    g.add_argument("--preset", choices=PRESETS, default=None,
+    g.add_argument("--preset", choices=SAMPLING_PRESETS, default=None,
                    help="recommended = the model card's temperature 0.1, min_p 0.15, repetition_penalty 1.05")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")

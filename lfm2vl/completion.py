@@ -1,30 +1,18 @@
-"""Conversations in, text out: the loop shared by `Model.generate` / `Model.stream`, the CLI and the server.
+"""Conversations in, engine requests out: the step shared by `Model.generate` / `stream` / `complete`,
+the CLI, the server and the evaluation harness.
 
-Prompts are built by the processor (chat template + images), tokens come from the engine
-(`generate.py`), and each row's text from a `TextStream` (stop strings, UTF-8-safe streaming).
-A row ends on EOS or a stop token ("stop"), on a stop string ("stop"), or at max_new_tokens
-("length"); the batch ends when every row has.
+The processor renders the chat and tokenizes it (images stay lazy, see processing/prompt.py); the
+request ends on EOS or a stop token ("stop"), a stop string ("stop"), or max_new_tokens ("length").
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .generate import Batch, generate_tokens
+from .engine import Request
 from .sampling import SamplingParams
-from .textstream import TextStream
-
-
-@dataclass
-class Completion:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
 
 
 def checkpoint_defaults(folder: Path | None) -> tuple[SamplingParams, tuple[int, ...]]:
@@ -60,44 +48,21 @@ def normalize_conversations(messages: Any) -> tuple[list[list[dict]], bool]:
     raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
 
 
-def run(
-    model: Any, conversations: list[list[dict]], params: SamplingParams, eos_ids: tuple[int, ...],
-    image_settings: dict[str, Any], chunk_size: int | None = None,
-) -> Iterator[tuple[int, str, list[Completion]]]:
-    """Yield (row, new text piece, completions so far) as tokens arrive; completions are final at the end."""
-    proc = model.processor
-    if proc is None:
-        raise ValueError(f"{model.source} has no tokenizer.json / chat template: it cannot generate text")
-    inputs = proc.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, **image_settings)
-    prompt_len = int(inputs["input_ids"].shape[1])
-    limit = model.config.text.max_position_embeddings
-    if prompt_len + params.max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-            f"context of {limit}; shorten the conversation, lower max_image_tokens, or lower max_new_tokens"
-        )
-    stop_ids = set(params.stop_token_ids)
+def stop_token_ids(params: SamplingParams, eos_ids: tuple[int, ...], tokenizer_eos: int | None) -> frozenset[int]:
+    """The ids that end a request: stop_token_ids, plus the checkpoint's and tokenizer's EOS unless ignore_eos."""
+    ids = set(params.stop_token_ids)
     if not params.ignore_eos:
-        stop_ids |= set(eos_ids) | ({proc.eos_token_id} if proc.eos_token_id is not None else set())
-    done = [Completion(prompt_tokens=int(n)) for n in inputs["attention_mask"].sum(-1).tolist()]
-    streams = [TextStream(proc.decode, params.stop) for _ in conversations]
-    batch = Batch.from_inputs(inputs, model.device)
-    engine_eos = tuple(sorted(stop_ids))
-    for tokens in generate_tokens(model.module, batch, params, engine_eos, chunk_size):
-        for row, tok in enumerate(tokens.tolist()):
-            s = streams[row]
-            if s.finished:
-                continue
-            if tok in stop_ids:
-                piece = s.finish("stop")
-            else:
-                done[row].token_ids.append(tok)
-                piece = s.push(tok)
-                if not s.finished and len(done[row].token_ids) == params.max_new_tokens:
-                    piece += s.finish("length")
-            done[row].text, done[row].finish_reason = s.text, s.finish_reason
-            if piece:
-                yield row, piece, done
-        if all(s.finished for s in streams):  # every row ends by max_new_tokens at the latest
-            break
-    yield -1, "", done
+        ids |= set(eos_ids) | ({tokenizer_eos} if tokenizer_eos is not None else set())
+    return frozenset(ids)
+
+
+def make_request(
+    processor: Any, conversation: list[dict], params: SamplingParams, eos_ids: tuple[int, ...],
+    image_settings: dict[str, Any],
+) -> Request:
+    """One conversation -> an engine request (prompt ids, lazy images, content key, stop ids)."""
+    prompt = processor.prompt(conversation, **image_settings)
+    return Request(
+        prompt.ids, params, stop_token_ids(params, eos_ids, processor.eos_token_id), prompt.images,
+        prompt.image_token_id,
+    )

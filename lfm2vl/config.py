@@ -1,6 +1,6 @@
 """Frozen model configuration for LFM2-VL, built from any `config.json` found in the wild.
 
-`Lfm2VlConfig.from_hf(dict)` is the one place that knows about config versions (SPEC §3):
+`Lfm2VlConfig.from_hf(dict)` is the one place that knows about config versions (docs/architecture.md):
 transformers 4.57 and 5.x files, Liquid's remote-code keys (`block_ff_dim`, `full_attn_idxs`,
 `image_token_index`, `tie_embedding`, `vision_feature_layer`), and LFM2.5-VL variants without the
 projector LayerNorm. Derived sizes (the real MLP width, head dims, the vision depth actually run)
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,12 @@ def mlp_width(ff: int, auto_adjust: bool, multiplier: float | None, multiple_of:
 
 @dataclass(frozen=True)
 class TextConfig:
+    # Defaults (and `from_hf` fallbacks for missing keys) are transformers' `Lfm2Config` defaults.
     vocab_size: int = 65536
-    hidden_size: int = 1024
-    intermediate_size: int = 6656  # as configured; `ffn_dim` is the width actually built
-    num_hidden_layers: int = 16
-    num_attention_heads: int = 16
+    hidden_size: int = 2560
+    intermediate_size: int = 12288  # as configured; `ffn_dim` is the width actually built
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
     num_key_value_heads: int = 8
     max_position_embeddings: int = 128_000
     norm_eps: float = 1e-5
@@ -84,13 +85,15 @@ class TextConfig:
     block_multiple_of: int = 256
     block_ffn_dim_multiplier: float | None = 1.0
     block_auto_adjust_ff_dim: bool = True
-    layer_types: tuple[str, ...] = ()
+    layer_types: tuple[str, ...] = ()  # () = every layer attention, as Lfm2Config without full_attn_idxs
     rope_theta: float = 1_000_000.0
     bos_token_id: int | None = 1
-    eos_token_id: int | tuple[int, ...] | None = 7
+    eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = 0
 
     def __post_init__(self) -> None:
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         bad = set(self.layer_types) - {"conv", "full_attention"}
@@ -111,12 +114,19 @@ class TextConfig:
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
+        """Indices of the grouped-query attention layers (the one place that says which layer is which)."""
         return tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention")
+
+    @property
+    def conv_layers(self) -> tuple[int, ...]:
+        """Indices of the gated short-convolution layers."""
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "conv")
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> TextConfig:
         _note_unknown("text_config", d, _KNOWN_TEXT)
-        n = int(d.get("num_hidden_layers", d.get("num_layers", 16)))
+        f = {x.name: x.default for x in fields(cls)}  # fallbacks == the dataclass defaults (LFM2-VL-450M)
+        n = int(d.get("num_hidden_layers", d.get("num_layers", f["num_hidden_layers"])))
         if d.get("layer_types"):
             layer_types = tuple("full_attention" if t in ("full_attention", "attention") else t for t in d["layer_types"])
         else:
@@ -127,28 +137,28 @@ class TextConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r}: LFM2 uses default RoPE")
-        theta = rope.get("rope_theta", d.get("rope_theta", d.get("theta", 1_000_000.0)))
-        eos = d.get("eos_token_id", 7)
+        theta = rope.get("rope_theta", d.get("rope_theta", d.get("theta", f["rope_theta"])))
+        eos = d.get("eos_token_id", f["eos_token_id"])
         return cls(
-            vocab_size=int(d.get("vocab_size", 65536)),
-            hidden_size=int(d.get("hidden_size", d.get("block_dim", 1024))),
-            # Lfm2Config lets the legacy `block_ff_dim` override `intermediate_size` (SPEC §3.1 pitfall).
-            intermediate_size=int(d.get("block_ff_dim", d.get("intermediate_size", 12288))),
+            vocab_size=int(d.get("vocab_size", f["vocab_size"])),
+            hidden_size=int(d.get("hidden_size", d.get("block_dim", f["hidden_size"]))),
+            # Lfm2Config lets the legacy `block_ff_dim` override `intermediate_size` (docs/architecture.md).
+            intermediate_size=int(d.get("block_ff_dim", d.get("intermediate_size", f["intermediate_size"]))),
             num_hidden_layers=n,
-            num_attention_heads=int(d.get("num_attention_heads", d.get("num_heads", 32))),
-            num_key_value_heads=int(d.get("num_key_value_heads", 8)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 128_000)),
-            norm_eps=float(d.get("norm_eps", d.get("block_norm_eps", 1e-5))),
-            conv_bias=bool(d.get("conv_bias", False)),
-            conv_L_cache=int(d.get("conv_L_cache", 3)),
-            block_multiple_of=int(d.get("block_multiple_of", 256)),
-            block_ffn_dim_multiplier=d.get("block_ffn_dim_multiplier", 1.0),
-            block_auto_adjust_ff_dim=bool(d.get("block_auto_adjust_ff_dim", True)),
+            num_attention_heads=int(d.get("num_attention_heads", d.get("num_heads", f["num_attention_heads"]))),
+            num_key_value_heads=int(d.get("num_key_value_heads", f["num_key_value_heads"])),
+            max_position_embeddings=int(d.get("max_position_embeddings", f["max_position_embeddings"])),
+            norm_eps=float(d.get("norm_eps", d.get("block_norm_eps", f["norm_eps"]))),
+            conv_bias=bool(d.get("conv_bias", f["conv_bias"])),
+            conv_L_cache=int(d.get("conv_L_cache", f["conv_L_cache"])),
+            block_multiple_of=int(d.get("block_multiple_of", f["block_multiple_of"])),
+            block_ffn_dim_multiplier=d.get("block_ffn_dim_multiplier", f["block_ffn_dim_multiplier"]),
+            block_auto_adjust_ff_dim=bool(d.get("block_auto_adjust_ff_dim", f["block_auto_adjust_ff_dim"])),
             layer_types=layer_types,
             rope_theta=float(theta),
-            bos_token_id=d.get("bos_token_id", 1),
+            bos_token_id=d.get("bos_token_id", f["bos_token_id"]),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=d.get("pad_token_id", 0),
+            pad_token_id=d.get("pad_token_id", f["pad_token_id"]),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -202,7 +212,7 @@ class VisionConfig:
         _note_unknown("vision_config", d, _KNOWN_VISION)
         stored = int(d.get("num_hidden_layers", 12))
         # Liquid's remote-code configs declare a deeper tower and pick an earlier layer; transformers
-        # always runs the whole tower, so keep only the layers that feed the projector (SPEC §3.2).
+        # always runs the whole tower, so keep only the layers that feed the projector (docs/architecture.md).
         kept = stored + feature_layer + 1 if feature_layer < 0 else feature_layer + 1
         if not 1 <= kept <= stored:
             raise ValueError(f"vision_feature_layer={feature_layer} is out of range for a {stored}-layer tower")
@@ -229,7 +239,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class Lfm2VlConfig:
-    text: TextConfig = field(default_factory=lambda: TextConfig(layer_types=_LFM2_LAYERS))
+    text: TextConfig = field(default_factory=TextConfig)  # as transformers' Lfm2VlConfig()
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 396
     projector_hidden_size: int = 2560
@@ -294,10 +304,8 @@ class Lfm2VlConfig:
         return replace(self, text=replace(self.text, **changes))
 
 
-_LFM2_LAYERS = tuple("full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16))
-
-# The two released checkpoints, as their config.json files describe them (SPEC §3, §9-10).
-PRESETS: dict[str, dict[str, Any]] = {
+# The two released checkpoints, as their config.json files describe them (docs/architecture.md).
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "LFM2-VL-450M": {
         "model_type": "lfm2_vl",
         "text_config": {
@@ -307,6 +315,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "norm_eps": 1e-5, "conv_L_cache": 3, "conv_bias": False, "block_multiple_of": 256,
             "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": True,
             "max_position_embeddings": 128000, "tie_embedding": True,
+            "bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0,
         },
         "vision_config": {
             "model_type": "siglip2_vision_model", "hidden_size": 768, "intermediate_size": 3072,
@@ -324,6 +333,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "norm_eps": 1e-5, "conv_L_cache": 3, "conv_bias": False, "block_multiple_of": 256,
             "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": True,
             "max_position_embeddings": 128000, "tie_embedding": True,
+            "bos_token_id": 1, "eos_token_id": 7, "pad_token_id": 0,
         },
         "vision_config": {
             "model_type": "siglip2_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
@@ -337,9 +347,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str) -> Lfm2VlConfig:
-    """`preset("LFM2-VL-450M")` or `preset("LFM2-VL-1.6B")` (a `LiquidAI/` prefix is accepted)."""
+def model_config(name: str) -> Lfm2VlConfig:
+    """`model_config("LFM2-VL-450M")` or `model_config("LFM2-VL-1.6B")` (a `LiquidAI/` prefix is accepted)."""
     key = name.split("/")[-1]
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return Lfm2VlConfig.from_hf(PRESETS[key])
+    if key not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_CONFIGS)}")
+    return Lfm2VlConfig.from_hf(MODEL_CONFIGS[key])

@@ -11,11 +11,12 @@ import os
 import re
 from pathlib import Path
 
-CHECKPOINT_FILES = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "chat_template.json", "processor_config.json", "preprocessor_config.json",
-]
+# Files that travel with the weights (tokenizer, chat template, processor settings, generation defaults).
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+)
+CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", *SIDE_FILES]
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -51,7 +52,8 @@ def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
         raise CheckpointNotFound(
             f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             + (" and HF_HUB_OFFLINE=1 forbids downloading it" if offline else " and the Hub could not be reached")
-            + f". Fix: on a machine with network run `hf download {name}` (or unset HF_HUB_OFFLINE), "
+            + f". Fix: on a machine with network run `hf download {name}`"
+            + (" (or unset HF_HUB_OFFLINE)" if offline else "") + ", "
             "or pass the path of a local checkpoint folder."
         ) from e
     except (RepositoryNotFoundError, HFValidationError) as e:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lfm2vl
-from lfm2vl.config import PRESETS, Lfm2VlConfig, mlp_width
+from lfm2vl.config import MODEL_CONFIGS, Lfm2VlConfig, mlp_width
 from lfm2vl.model.lfm2vl import Lfm2Vl
 from lfm2vl.weights import hub_state_dict
 import reference
@@ -21,7 +21,7 @@ def _meta_model(cfg):
 
 @pytest.mark.parametrize("name,total", [("LFM2-VL-450M", 450_822_656), ("LFM2-VL-1.6B", 1_584_804_000)])
 def test_preset_parameter_counts(name, total):
-    model = _meta_model(lfm2vl.preset(name))
+    model = _meta_model(lfm2vl.model_config(name))
     assert sum(p.numel() for p in model.parameters()) == total
 
 
@@ -59,7 +59,7 @@ def _spec_table(D, ffn, Cv, Cf, n_vision):
 @pytest.mark.parametrize("name,dims", [("LFM2-VL-450M", (1024, 4608, 768, 3072, 12)),
                                        ("LFM2-VL-1.6B", (2048, 8192, 1152, 4304, 26))])
 def test_preset_tensor_names_and_shapes_match_spec(name, dims):
-    stored = {k: tuple(v.shape) for k, v in hub_state_dict(_meta_model(lfm2vl.preset(name))).items()}
+    stored = {k: tuple(v.shape) for k, v in hub_state_dict(_meta_model(lfm2vl.model_config(name))).items()}
     assert stored == _spec_table(*dims)
 
 
@@ -82,7 +82,7 @@ def test_mlp_width_without_multiplier_does_not_round():
 
 def test_block_ff_dim_wins_over_intermediate_size():
     """Some LFM2-1.2B configs carry intermediate_size 8192 *and* block_ff_dim 12288 (SPEC §3.1 pitfall)."""
-    d = copy.deepcopy(PRESETS["LFM2-VL-1.6B"])
+    d = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-1.6B"])
     d["text_config"]["intermediate_size"] = 8192
     assert Lfm2VlConfig.from_hf(d).text.ffn_dim == 8192  # from block_ff_dim 12288, not 8192 -> 5632
     del d["text_config"]["block_ff_dim"]
@@ -90,22 +90,22 @@ def test_block_ff_dim_wins_over_intermediate_size():
 
 
 def test_legacy_and_current_key_forms_agree():
-    legacy = copy.deepcopy(PRESETS["LFM2-VL-450M"])
+    legacy = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-450M"])
     legacy["image_token_index"] = legacy.pop("image_token_id")
-    current = copy.deepcopy(PRESETS["LFM2-VL-450M"])
+    current = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-450M"])
     tc = current["text_config"]
     idxs = tc.pop("full_attn_idxs")
     tc["layer_types"] = ["full_attention" if i in idxs else "conv" for i in range(16)]
     tc["rope_parameters"] = {"rope_type": "default", "rope_theta": tc.pop("rope_theta")}
     tc["intermediate_size"] = tc.pop("block_ff_dim")
     tc["tie_word_embeddings"] = tc.pop("tie_embedding")
-    assert Lfm2VlConfig.from_hf(legacy) == Lfm2VlConfig.from_hf(current) == lfm2vl.preset("LFM2-VL-450M")
+    assert Lfm2VlConfig.from_hf(legacy) == Lfm2VlConfig.from_hf(current) == lfm2vl.model_config("LFM2-VL-450M")
 
 
 def test_vision_feature_layer_truncates_the_tower():
-    cfg = lfm2vl.preset("LFM2-VL-1.6B")
+    cfg = lfm2vl.model_config("LFM2-VL-1.6B")
     assert cfg.vision.num_hidden_layers == 26 and cfg.vision.stored_layers == 27
-    d = copy.deepcopy(PRESETS["LFM2-VL-1.6B"])
+    d = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-1.6B"])
     d["vision_feature_layer"] = -1
     d["vision_config"]["num_hidden_layers"] = 26
     assert Lfm2VlConfig.from_hf(d).vision.num_hidden_layers == 26
@@ -117,7 +117,7 @@ def test_vision_feature_layer_truncates_the_tower():
 
 
 def test_lfm25_variant_without_projector_layernorm():
-    d = copy.deepcopy(PRESETS["LFM2-VL-450M"])
+    d = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-450M"])
     d |= {"projector_use_layernorm": False, "projector_hidden_size": 2048}
     model = _meta_model(Lfm2VlConfig.from_hf(d))
     assert model.multi_modal_projector.layer_norm is None
@@ -140,7 +140,7 @@ def test_reference_configs_from_both_generations_parse(tmp_path):
 
 
 def test_unknown_keys_are_logged_not_fatal(caplog):
-    d = copy.deepcopy(PRESETS["LFM2-VL-450M"])
+    d = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-450M"])
     d["some_future_key"] = 1
     with caplog.at_level(logging.INFO, logger="lfm2vl.config"):
         Lfm2VlConfig.from_hf(d)
@@ -155,5 +155,5 @@ def test_wrong_model_type_is_rejected():
 
 
 def test_head_dims():
-    cfg = lfm2vl.preset("LFM2-VL-1.6B")
+    cfg = lfm2vl.model_config("LFM2-VL-1.6B")
     assert cfg.text.head_dim == 64 and cfg.vision.head_dim == 72 and cfg.vision.grid_size == math.isqrt(256)

@@ -1,4 +1,4 @@
-"""The generation engine: reference parity, cache invariants, batching, sampling, stop strings, streaming."""
+"""Generation through the engine: reference parity, cache invariants, batching, sampling, stop strings, streaming."""
 
 import itertools
 
@@ -10,7 +10,7 @@ from PIL import Image
 import lfm2vl
 import reference
 from invariants import assert_chunked_prefill_matches_full, assert_decode_matches_full
-from lfm2vl.generate import Batch, generate_tokens
+from lfm2vl.engine import Engine, EngineConfig, Request
 from lfm2vl.sampling import SamplingParams, apply_repetition_penalty, filter_logits, next_tokens
 from lfm2vl.textstream import TextStream
 
@@ -45,66 +45,77 @@ PROMPTS = [
 ]
 
 
-def _inputs(proc, items):
-    texts = [t for t, _ in items]
-    images = [imgs for _, imgs in items] if any(imgs for _, imgs in items) else None
-    if images is not None and not all(images):
-        raise ValueError("mixing text-only and image rows needs our processor")
-    return dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
-
-
-def _ours(model, inputs, n, **kw):
+def _request(model, item, n, **kw):
+    text, images = item
+    prompt = model.processor.text_prompt(text, images or None)
     params = SamplingParams(max_new_tokens=n, **kw)
-    steps = list(generate_tokens(model.module, Batch.from_inputs(inputs, model.device), params, (EOS,)))
-    return torch.stack(steps, 1)  # (B, n)
+    return Request(prompt.ids, params, frozenset({EOS}), prompt.images, prompt.image_token_id)
+
+
+def _engine(model, **kw):
+    return Engine(model.module, model.processor.decode, EngineConfig(**{"prefix_cache_mb": 0, "image_cache_mb": 0, **kw}))
+
+
+def _run(model, items, n, **kw):
+    """Token ids of each item, all submitted together to one fresh engine."""
+    engine = _engine(model)
+    handles = [engine.submit(_request(model, item, n, **kw)) for item in items]
+    return [h.result().token_ids for h in handles]
 
 
 @pytest.mark.parametrize("i", range(len(PROMPTS)))
 def test_greedy_tokens_equal_reference_generate(gen_ckpt, i):
     ref, ours, proc = gen_ckpt
-    inputs = _inputs(proc, [PROMPTS[i]])
+    text, images = PROMPTS[i]
+    inputs = dict(proc(text=[text], images=[images] if images else None, return_tensors="pt"))
     with torch.no_grad():
         theirs = ref.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     theirs = theirs[0, inputs["input_ids"].shape[1] :].tolist()
-    got = _ours(ours, inputs, 32, min_new_tokens=32)[0].tolist()
+    got = _run(ours, [PROMPTS[i]], 32, min_new_tokens=32)[0]
     assert got == theirs
     assert len(set(got)) > 4, "degenerate generation makes this test weak"
 
 
-def _embeds(model, proc, items):
-    inputs = _inputs(proc, items)
-    net = model.module
-    feats = None
-    if "pixel_values" in inputs:
-        feats = net.encode_images(inputs["pixel_values"], inputs["spatial_shapes"], inputs["pixel_attention_mask"])
-    with torch.no_grad():
-        return net.embed(inputs["input_ids"], feats), inputs["attention_mask"]
+def _rows(model, items):
+    """(ids (T,), projected image features or None) per item."""
+    out = []
+    for text, images in items:
+        prompt = model.processor.text_prompt(text, images or None)
+        feats = None
+        if prompt.images:
+            with torch.no_grad():
+                feats = torch.cat([model.module.encode_images(*img.pixels()) for img in prompt.images])
+        out.append((torch.tensor(prompt.ids), feats))
+    return out
 
 
-@pytest.mark.parametrize("items", [PROMPTS[2:3], PROMPTS[0:2], [PROMPTS[3], PROMPTS[6]]], ids=["image", "text_batch", "image_batch"])
+@pytest.mark.parametrize("items", [PROMPTS[2:3], PROMPTS[0:2], [PROMPTS[3], PROMPTS[6], PROMPTS[0]]],
+                         ids=["image", "text_batch", "mixed_batch"])
 def test_decode_and_chunked_prefill_invariants(gen_ckpt, items):
-    _, ours, proc = gen_ckpt
-    embeds, mask = _embeds(ours, proc, items)
-    t = embeds.shape[1]
-    assert_decode_matches_full(ours.module, embeds, mask, prefix=t - 12)
-    assert_chunked_prefill_matches_full(ours.module, embeds, mask, splits=[1, 2, t // 3, t // 3 + 5, t - 1])
+    _, ours, _ = gen_ckpt
+    rows = _rows(ours, items)
+    # rows at different lengths decode together; the shortest finishes first and the batch shrinks
+    assert_decode_matches_full(ours.module, rows, prefix=[len(ids) - 12 - 3 * i for i, (ids, _) in enumerate(rows)])
+    ids, feats = rows[0]
+    t = len(ids)
+    assert_chunked_prefill_matches_full(ours.module, ids, feats, splits=[1, 2, t // 3, t // 3 + 5, t - 1])
 
 
-def test_snapshot_restore_is_exact(gen_ckpt):
-    _, ours, proc = gen_ckpt
+def test_prefix_read_write_is_exact(gen_ckpt):
+    """A state copied out of one slot and into another continues exactly as the original would."""
+    _, ours, _ = gen_ckpt
     net = ours.module
-    embeds, mask = _embeds(ours, proc, [PROMPTS[2]])
-    cache = lfm2vl.cache.HybridCache(net.cfg.text, 1, embeds.shape[1] + 8)
+    (ids, feats), = _rows(ours, [PROMPTS[2]])
+    cache = net.make_cache(3, len(ids) + 8)
+    tail = torch.tensor([[11, 12, 13, 14]])
     with torch.no_grad():
-        net.forward_embeds(embeds, mask, cache=cache)
-        snap = cache.snapshot()
-        tail = net.language_model.embed_tokens(torch.tensor([[11, 12, 13, 14]]))
-        ones = torch.ones(1, 4, dtype=torch.long)
-        first = net.forward_embeds(tail, ones, cache=cache)
-        cache.restore(snap)
-        other = net.forward_embeds(net.language_model.embed_tokens(torch.tensor([[99, 98]])), ones[:, :2], cache=cache)
-        cache.restore(snap)
-        again = net.forward_embeds(tail, ones, cache=cache)
+        net(ids[None], image_features=feats, cache=cache.view([0], len(ids)))
+        state = cache.read_prefix(0, len(ids))
+        first = net(tail, cache=cache.view([0], 4))
+        cache.write_prefix(2, state, len(ids), state.conv)
+        other = net(torch.tensor([[99, 98]]), cache=cache.view([2], 2))
+        cache.write_prefix(2, state, len(ids), state.conv)
+        again = net(tail, cache=cache.view([2], 4))
     assert torch.equal(first, again)
     assert not torch.allclose(first[:, :2], other)
 
@@ -118,41 +129,26 @@ MIXED = [
 
 
 def test_batch_rows_equal_each_prompt_alone_in_every_order(gen_ckpt):
-    """Batch sizes 1..4, every ordered selection of the 4 mixed prompts (left padding, text + image rows)."""
+    """Batch sizes 1..4, every ordered selection of the 4 mixed prompts (text + image rows, own lengths)."""
     _, ours, _ = gen_ckpt
-    proc = ours.processor
-    if proc is None:
-        pytest.skip("needs our processor (mixed text-only and image rows)")
     n = 12
-
-    def run(items):
-        convs = [
-            [{"role": "user", "content": [*({"type": "image", "image": im} for im in imgs), {"type": "text", "text": t}]}]
-            for t, imgs in items
-        ]
-        texts = [proc.apply_chat_template(c, add_generation_prompt=True) for c in convs]
-        images = [imgs for _, imgs in items]
-        inputs = proc(text=texts, images=images if any(images) else None)
-        return _ours(ours, inputs, n, min_new_tokens=n)
-
-    alone = [run([(t.split("user\n", 1)[1].split("<|im_end|>")[0].replace("<image>", ""), imgs)])[0] for t, imgs in MIXED]
-    mixed = [(t.split("user\n", 1)[1].split("<|im_end|>")[0].replace("<image>", ""), imgs) for t, imgs in MIXED]
+    alone = [_run(ours, [item], n, min_new_tokens=n)[0] for item in MIXED]
     for k in range(1, 5):
         for order in itertools.permutations(range(4), k):
-            got = run([mixed[i] for i in order])
+            got = _run(ours, [MIXED[i] for i in order], n, min_new_tokens=n)
             for row, i in enumerate(order):
-                assert torch.equal(got[row], alone[i]), f"order {order}: row {row} (prompt {i}) differs from alone"
+                assert got[row] == alone[i], f"order {order}: row {row} (prompt {i}) differs from alone"
 
 
 # -- sampling ---------------------------------------------------------------------------------------
 
-def test_seeded_sampling_is_reproducible(gen_ckpt):
-    _, ours, proc = gen_ckpt
-    inputs = _inputs(proc, [PROMPTS[2]])
+def test_seeded_sampling_is_reproducible_whatever_the_neighbours(gen_ckpt):
+    _, ours, _ = gen_ckpt
     kw = dict(temperature=1.0, top_p=0.9, seed=1234)
-    a, b = _ours(ours, inputs, 16, **kw), _ours(ours, inputs, 16, **kw)
-    c = _ours(ours, inputs, 16, **{**kw, "seed": 99})
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    a = _run(ours, [PROMPTS[2]], 16, **kw)[0]
+    b = _run(ours, [PROMPTS[0], PROMPTS[2], PROMPTS[6]], 16, **kw)[1]  # seeded neighbours too
+    c = _run(ours, [PROMPTS[2]], 16, **{**kw, "seed": 99})[0]
+    assert a == b and a != c
 
 
 def test_filters_never_pick_excluded_tokens():

@@ -214,7 +214,7 @@ def _random_checkpoint(folder, cfg):
 
 def test_peak_memory_is_one_copy(tmp_path):
     """A ~240 MB checkpoint: peak RSS growth while loading stays well under two copies."""
-    _random_checkpoint(tmp_path, lfm2vl.preset("LFM2-VL-450M").with_text(num_hidden_layers=2, layer_types=("conv", "full_attention")))
+    _random_checkpoint(tmp_path, lfm2vl.model_config("LFM2-VL-450M").with_text(num_hidden_layers=2, layer_types=("conv", "full_attention")))
     grown, size = _peak_load_growth(tmp_path)
     assert 0.8 * size < grown < 1.3 * size, f"loading grew peak RSS by {grown / size:.2f}x the weights"
 
@@ -222,7 +222,7 @@ def test_peak_memory_is_one_copy(tmp_path):
 @pytest.mark.slow
 def test_peak_memory_full_450m(tmp_path):
     """The real size: a 450M checkpoint (901.6 MB bf16) loads with peak RSS growth < 1.3x the file."""
-    _random_checkpoint(tmp_path, lfm2vl.preset("LFM2-VL-450M"))
+    _random_checkpoint(tmp_path, lfm2vl.model_config("LFM2-VL-450M"))
     grown, size = _peak_load_growth(tmp_path)
     print(f"450M: {size / 1e6:.1f} MB on disk, peak RSS growth {grown / 1e6:.1f} MB ({grown / size:.2f}x)")
     assert 0.8 * size < grown < 1.3 * size, f"loading grew RSS by {grown / size:.2f}x the weights"

@@ -7,12 +7,11 @@ and accepts the reference processor's output dict unchanged. Images may also arr
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from ..config import Lfm2VlConfig
+from .cache import CacheView, HybridCache
 from .projector import Projector
 from .text import TextModel
 from .vision import VisionEncoder
@@ -28,6 +27,18 @@ class Lfm2Vl(nn.Module):
         self.lm_head = None
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.embed_tokens.weight.dtype
+
+    def make_cache(self, slots: int, max_len: int) -> HybridCache:
+        """Decoding state for `slots` independent sequences of up to `max_len` positions (grows on demand)."""
+        return HybridCache(self.cfg.text, slots, max_len, self.device, self.dtype)
 
     # -- images ---------------------------------------------------------------------------------
     def encode_images(
@@ -63,22 +74,21 @@ class Lfm2Vl(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features placed at the `<image>` positions, in order."""
         embeds = self.language_model.embed_tokens(input_ids)
+        if image_features is None:  # text only: no scan of the ids (a decode step stays free of host reads)
+            return embeds
         slots = input_ids == self.cfg.image_token_id  # (B, T)
         n_slots = int(slots.sum())
-        n_feats = 0 if image_features is None else image_features.shape[0]
-        if n_slots != n_feats:
+        if n_slots != image_features.shape[0]:
             raise ValueError(
-                f"image tokens ({n_slots}) != image features ({n_feats}): the prompt's <image> runs must come "
-                "from the same processor settings as pixel_values (token id "
+                f"image tokens ({n_slots}) != image features ({image_features.shape[0]}): the prompt's <image> "
+                "runs must come from the same processor settings as pixel_values (token id "
                 f"{self.cfg.image_token_id})"
             )
-        if n_feats:
-            embeds = embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))
-        return embeds
+        return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.T  # (B, T, V)
+        return hidden @ weight.T  # (..., V)
 
     def forward(
         self,
@@ -87,41 +97,36 @@ class Lfm2Vl(nn.Module):
         pixel_values: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: Any = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        cache: CacheView | None = None,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V) (the last `logits_to_keep` positions when > 0)."""
+        """The one forward path (training, generation, the engine): logits (B, T, V).
+
+        Images come as pixels (the processor's output) or as already projected `image_features`
+        (N_tokens, D), e.g. from the engine's image cache. Without a cache the batch may be padded
+        (attention_mask); with one, T new tokens per row follow that row's stored positions.
+        `logits_to_keep` > 0 keeps the last positions only; `return_hidden` gives the final hidden
+        states (B, T, D) instead of logits (training computes logits for target positions only).
+        """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        feats = None
         if pixel_values is not None:
+            if image_features is not None:
+                raise ValueError("give pixel_values or image_features, not both")
             if spatial_shapes is None:
                 raise ValueError("pixel_values given without spatial_shapes")
-            feats = self.encode_images(pixel_values, spatial_shapes, pixel_attention_mask)
-        embeds = self.embed(input_ids, feats)
-        return self.forward_embeds(embeds, attention_mask, position_ids, cache, logits_to_keep)
-
-    def forward_embeds(
-        self,
-        embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: Any = None,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """Merged embeddings (B, T, D) -> logits; with a cache, T new positions after the cached ones."""
-        b, t, _ = embeds.shape
-        past = cache.length if cache is not None else 0
-        key_mask = None if attention_mask is None else attention_mask.bool()
-        if cache is not None:
-            key_mask = cache.extend_mask(key_mask, t)  # (B, past+T)
-        if position_ids is None:
-            if key_mask is not None:
-                position_ids = (key_mask.long().cumsum(-1)[:, -t:] - 1).clamp(min=0)
-            else:
-                position_ids = torch.arange(past, past + t, device=embeds.device).expand(b, -1)
-        hidden = self.language_model(embeds, position_ids, key_mask, cache)
+            image_features = self.encode_images(pixel_values, spatial_shapes, pixel_attention_mask)
+        key_mask = None
+        if attention_mask is not None:
+            if cache is not None:
+                raise ValueError("a cached step has no padding: every row is its own sequence (drop attention_mask)")
+            key_mask = attention_mask.bool()
+        hidden = self.language_model(self.embed(input_ids, image_features), key_mask, cache)
+        if return_hidden:
+            return hidden
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.logits(hidden)

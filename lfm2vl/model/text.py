@@ -1,23 +1,26 @@
 """LFM2 hybrid language backbone (mirrors transformers `models/lfm2/modeling_lfm2.py`).
 
 Layers are either a gated short convolution or grouped-query attention, each followed by a
-SwiGLU MLP; RMSNorm everywhere (SPEC §8). Notable choices:
+SwiGLU MLP; RMSNorm everywhere (docs/architecture.md). Notable choices:
 - One code path for prefill, chunked prefill and decode: the conv layer always convolves
   [cached state | new inputs], so a decode step is a prefill of length 1.
 - Padding-aware: the gated conv input `B*x` is zeroed at padded positions, so a left-padded row's
   conv history never depends on its batch neighbours (the bug behind transformers#41790).
-- The cache is duck-typed (see `cache.py`): `kv(layer, k, v)` and `conv_state` / `set_conv_state`.
+- With a cache (`cache.py`), every row of a batch is its own sequence at its own length: positions,
+  masks and RoPE rows come from the `CacheView`, built on the host from known lengths, so a decode
+  step reads nothing back from the device.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .cache import CacheView, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -31,14 +34,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """(B, T) positions -> cos, sin of shape (B, 1, T, Dh), computed in float32 ("rotate-half" layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,7 +54,7 @@ class Attention(nn.Module):
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_layernorm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_layernorm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -81,13 +76,14 @@ class ShortConv(nn.Module):
         self.layer_idx = layer_idx
         d, k = cfg.hidden_size, cfg.conv_L_cache
         self.kernel = k
-        self.conv = nn.Conv1d(d, d, kernel_size=k, groups=d, bias=cfg.conv_bias, padding=k - 1)
+        # holds the weights only: forward pads with the cached state instead of zeros
+        self.conv = nn.Conv1d(d, d, kernel_size=k, groups=d, bias=cfg.conv_bias)
         self.in_proj = nn.Linear(d, 3 * d, bias=cfg.conv_bias)
         self.out_proj = nn.Linear(d, d, bias=cfg.conv_bias)
 
-    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         b, t, d = x.shape
-        gate_b, gate_c, xs = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D), in this order (SPEC §8)
+        gate_b, gate_c, xs = self.in_proj(x).chunk(3, dim=-1)  # 3 x (B, T, D), in this order (B, C, x)
         v = gate_b * xs
         if ctx.token_mask is not None:
             v = v * ctx.token_mask[..., None].to(v.dtype)  # padded positions add nothing to the history
@@ -98,7 +94,7 @@ class ShortConv(nn.Module):
             state = v.new_zeros(b, d, self.kernel - 1)
         full = torch.cat([state.to(v.dtype), v], dim=-1)  # (B, D, K-1+T)
         if ctx.cache is not None:
-            ctx.cache.set_conv_state(self.layer_idx, full[:, :, -(self.kernel - 1) :])
+            ctx.cache.set_conv_state(self.layer_idx, full)
         y = F.conv1d(full, self.conv.weight, self.conv.bias, groups=d)  # (B, D, T)
         return self.out_proj(gate_c * y.transpose(1, 2))
 
@@ -118,7 +114,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
-        self.is_attention = cfg.layer_types[layer_idx] == "full_attention"
+        self.is_attention = layer_idx in cfg.attention_layers
         if self.is_attention:
             self.self_attn = Attention(cfg, layer_idx)
         else:
@@ -127,42 +123,35 @@ class DecoderLayer(nn.Module):
         self.operator_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: "Context") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         op = self.self_attn if self.is_attention else self.conv
         x = x + op(self.operator_norm(x), ctx)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+@dataclass(frozen=True)
 class Context:
-    """Per-forward state shared by all layers: RoPE tables, attention mask, padding mask, cache."""
+    """Per-forward state shared by all layers."""
 
-    def __init__(self, cos, sin, attn_mask, is_causal, token_mask, cache):
-        self.cos, self.sin, self.attn_mask, self.is_causal = cos, sin, attn_mask, is_causal
-        self.token_mask, self.cache = token_mask, cache
+    cos: torch.Tensor  # (B, 1, T, Dh)
+    sin: torch.Tensor
+    attn_mask: torch.Tensor | None  # (B, 1, T, S) True = attend
+    is_causal: bool
+    token_mask: torch.Tensor | None  # (B, T) real tokens, only when some are padding (no cache)
+    cache: CacheView | None
 
 
-def attention_mask(
-    key_mask: torch.Tensor | None, t: int, past: int, device: torch.device
-) -> tuple[torch.Tensor | None, bool]:
-    """Boolean (B, 1, T, S) mask (True = attend) for T queries after `past` cached positions.
+def padding_mask(key_mask: torch.Tensor | None, t: int) -> tuple[torch.Tensor | None, bool]:
+    """Boolean (B, 1, T, T) causal mask over a left/right-padded batch without a cache (True = attend).
 
-    Returns (None, True) / (None, False) where SDPA's own causal path or no mask is exact. A query
-    always sees itself, so fully padded rows stay finite (their outputs are never used).
+    Returns (None, causal) where SDPA's own causal path is exact. A query always sees itself, so
+    fully padded rows stay finite (their outputs are never used).
     """
-    s = past + t
     if key_mask is None or bool(key_mask.all()):
-        if past == 0:
-            return None, t > 1
-        if t == 1:
-            return None, False
-        key_mask = None
-    q_pos = torch.arange(past, s, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(s, device=device)[None, :]  # (1, S)
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
-    if key_mask is not None:
-        mask = mask & key_mask[:, None, None, :s].bool()
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask, False
+        return None, t > 1
+    pos = torch.arange(t, device=key_mask.device)
+    mask = (pos[None, :] <= pos[:, None])[None, None] & key_mask[:, None, None, :]  # (B, 1, T, T)
+    return mask | (pos[None, :] == pos[:, None])[None, None], False
 
 
 class TextModel(nn.Module):
@@ -175,21 +164,26 @@ class TextModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self,
-        embeds: torch.Tensor,
-        positions: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-        cache: Any = None,
+        self, embeds: torch.Tensor, key_mask: torch.Tensor | None = None, cache: CacheView | None = None
     ) -> torch.Tensor:
-        """embeds (B, T, D), positions (B, T), key_mask (B, past+T) bool of real tokens -> hidden (B, T, D)."""
+        """embeds (B, T, D) -> hidden (B, T, D).
+
+        Without a cache: one whole (possibly padded) batch, key_mask (B, T) bool marks real tokens and
+        positions count them. With a cache: T new tokens per row after that row's stored ones, no padding.
+        """
         b, t, _ = embeds.shape
-        past = cache.length if cache is not None else 0
-        attn_mask, is_causal = attention_mask(key_mask, t, past, embeds.device)
-        token_mask = None
-        if key_mask is not None and not bool(key_mask[:, past : past + t].all()):
-            token_mask = key_mask[:, past : past + t]
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
-        ctx = Context(cos, sin, attn_mask, is_causal, token_mask, cache)
+        if cache is not None:
+            cos, sin = cache.rope()
+            ctx = Context(cos, sin, cache.attn_mask, cache.is_causal, None, cache)
+        else:
+            attn_mask, is_causal = padding_mask(key_mask, t)
+            if key_mask is None:
+                positions = torch.arange(t, device=embeds.device).expand(b, -1)
+            else:
+                positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding shares position 0
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+            token_mask = None if attn_mask is None else key_mask
+            ctx = Context(cos[:, None], sin[:, None], attn_mask, is_causal, token_mask, None)
         h = embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -197,5 +191,5 @@ class TextModel(nn.Module):
             else:
                 h = layer(h, ctx)
         if cache is not None:
-            cache.advance(t)
+            cache.advance()
         return self.embedding_norm(h)

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from .chat import ChatPrompt, load_chat_template, render
 from .image import load_image, make_crops
 from .patches import crops_to_packed, crops_to_padded
+from .prompt import Prompt, PromptImage
 from .settings import ImageSettings
 from .tiling import TilePlan, plan_tiles
 from .tokens import MARK_START, TextTokenizer
@@ -125,6 +126,41 @@ class Processor:
             texts = [p.text for p in prompts]
             return texts if batched else texts[0]
         return self._chat_inputs(prompts, packed, image_settings)
+
+    def prompt(self, conversation: Any, *, sanitize_control_tokens: bool = False, **image_settings: Any) -> Prompt:
+        """One conversation (with the generation prompt) -> `Prompt` (ids + lazily processed images).
+
+        The ids are exactly those of `apply_chat_template(..., tokenize=True)`; pixels are made only
+        when the engine needs them.
+        """
+        if self.chat_template is None:
+            raise ValueError("this checkpoint ships no chat template (chat_template.jinja or tokenizer_config.json)")
+        protected = (self.image_token,)
+        if sanitize_control_tokens:
+            protected = tuple(dict.fromkeys((*self.text.special_tokens, *self._template_tokens(), self.image_token)))
+        chat = render(conversation, self.chat_template, self.text.special_tokens_map(), True, protected)
+        if any(source is None for source in chat.images):
+            raise ValueError("an image part has no image/url/path/base64 source")
+        return self._prompt(chat.marked, list(chat.images), True, image_settings)
+
+    def text_prompt(self, text: str, images: Any = None, **image_settings: Any) -> Prompt:
+        """A raw prompt (one "<image>" per image, as in `__call__`) -> `Prompt` for the engine."""
+        return self._prompt(text, _group_images(images, [self._count_slots(text, marked=False)])[0], False,
+                            image_settings)
+
+    def _prompt(self, text: str, sources: list[Any], marked: bool, image_settings: dict) -> Prompt:
+        settings = self.settings.with_overrides(**image_settings)
+        if self._count_slots(text, marked) != len(sources):
+            raise ValueError(
+                f"the prompt has {self._count_slots(text, marked)} {self.image_token} placeholders but "
+                f"{len(sources)} images were given: pass exactly one image per placeholder, in order"
+            )
+        loaded = [load_image(src, settings.max_image_pixels) for src in sources]
+        plans = [plan_tiles(int(im.shape[2]), int(im.shape[1]), settings) for im in loaded]
+        expanded = self._expand(text, plans, settings, marked)
+        ids = self.text.encode_marked(expanded) if marked else self.text.encode(expanded)
+        images = [PromptImage(im, plan, settings) for im, plan in zip(loaded, plans, strict=True)]
+        return Prompt(ids, images, self.image_token_id)
 
     def _template_tokens(self) -> list[str]:
         # Non-special added tokens written by the template itself are control tokens too (as upstream).

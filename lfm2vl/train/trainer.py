@@ -59,13 +59,10 @@ class TrainResult:
 # -- model pieces ---------------------------------------------------------------------------------
 def forward_hidden(module: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Final hidden states (B, T, D); the logits are computed later for target positions only."""
-    feats = None
-    if batch.pixel_values is not None:
-        feats = module.encode_images(batch.pixel_values, batch.spatial_shapes)  # (N_tokens, D)
-    embeds = module.embed(batch.input_ids, feats)  # (B, T, D)
-    mask = batch.attention_mask.bool()
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T), numbered as Lfm2Vl.forward_embeds does
-    return module.language_model(embeds, positions, mask)
+    return module(
+        batch.input_ids, batch.attention_mask, batch.pixel_values, spatial_shapes=batch.spatial_shapes,
+        return_hidden=True,
+    )
 
 
 def target_loss_sum(module: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
