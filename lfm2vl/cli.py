@@ -23,17 +23,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Sampling and image-budget flags; each flag's dest is the keyword of `Model.generate`."""
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json, i.e. greedy)")
     g.add_argument("--preset", choices=SAMPLING_PRESETS, default=None,
                    help="recommended = the model card's temperature 0.1, min_p 0.15, repetition_penalty 1.05")
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the checkpoint's generation_config.json, else 256")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); cut from the output")
+    g.add_argument("--stop", action="append", default=None, type=str,
+                   help="stop string (repeatable); cut from the output")
     i = p.add_argument_group("image budget (defaults: the checkpoint's processor settings)")
     i.add_argument("--min-image-tokens", type=int, default=None)
     i.add_argument("--max-image-tokens", type=int, default=None,
@@ -44,14 +47,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     i.add_argument("--max-tiles", type=int, default=None)
     i.add_argument("--thumbnail", dest="use_thumbnail", action=argparse.BooleanOptionalAction, default=None,
                    help="add a downscaled thumbnail after the tiles")
+    p.set_defaults(_option_dests=tuple(a.dest for group in (g, i) for a in group._group_actions))
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("preset", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
-            "min_image_tokens", "max_image_tokens", "do_image_splitting", "min_tiles", "max_tiles", "use_thumbnail")
-    opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if args.stop:
-        opts["stop"] = tuple(args.stop)
+    """The generation keywords the user set (unset flags leave the checkpoint's defaults in force)."""
+    opts = {k: getattr(args, k) for k in args._option_dests if getattr(args, k) is not None}
+    if "stop" in opts:
+        opts["stop"] = tuple(opts["stop"])
     return opts
 
 

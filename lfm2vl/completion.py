@@ -1,5 +1,5 @@
 """Conversations in, engine requests out: the step shared by `Model.generate` / `stream` / `complete`,
-the CLI, the server and the evaluation harness.
+the CLI and the evaluation harness.
 
 The processor renders the chat and tokenizes it (images stay lazy, see processing/prompt.py); the
 request ends on EOS or a stop token ("stop"), a stop string ("stop"), or max_new_tokens ("length").

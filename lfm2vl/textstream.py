@@ -1,4 +1,4 @@
-"""Incremental detokenization with stop strings, shared by the Python API, the CLI and the server.
+"""Incremental detokenization with stop strings, used by the engine for every request.
 
 Each step re-decodes the row's tokens and emits only text that can no longer change: a trailing
 U+FFFD (an incomplete UTF-8 character split across byte-level tokens) is held back, and so is

@@ -1,6 +1,6 @@
 """Checkpoint weights: read Hugging Face LFM2-VL safetensors into `Lfm2Vl`, and write them back.
 
-Loading is a short prefix table plus a strict check (STYLE §3.1): every stored tensor is consumed
+Loading is a short prefix table plus a strict check: every stored tensor is consumed
 and every parameter filled, or one error lists the missing, unexpected and mis-shaped keys with
 their files. Tensors are read one at a time straight into their final buffers (our own small
 safetensors header reader; no mmap), so peak memory is one copy of the model plus one tensor,

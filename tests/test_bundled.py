@@ -12,7 +12,7 @@ import lfm2vl
 import reference
 from lfm2vl.bundled import BUNDLED
 from lfm2vl.eval.tasks import easyvqa
-from lfm2vl.train import bundled as recipe
+from lfm2vl.train import bundled_recipe as recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Config parsing across the versions in the wild, presets, and the full-size tensor table (SPEC §3, §9, §10)."""
+"""Config parsing across the versions in the wild, presets, and the full-size tensor table (docs/architecture.md §1, §2, §6)."""
 
 import copy
 import logging
@@ -26,7 +26,7 @@ def test_preset_parameter_counts(name, total):
 
 
 def _spec_table(D, ffn, Cv, Cf, n_vision):
-    """Every stored tensor of a released checkpoint, from SPEC §9."""
+    """Every stored tensor of a released checkpoint, from docs/architecture.md §6."""
     t = {"model.language_model.embed_tokens.weight": (65536, D), "model.language_model.embedding_norm.weight": (D,)}
     for i in range(16):
         p = f"model.language_model.layers.{i}."
@@ -75,13 +75,13 @@ def test_mlp_width_rule_matches_reference(ff, mult, multiple, expected):
 
 
 def test_mlp_width_without_multiplier_does_not_round():
-    # transformers 4.57 allows block_ffn_dim_multiplier=None: no rounding then (STYLE §6.1); 5.x rejects None
+    # transformers 4.57 allows block_ffn_dim_multiplier=None: no rounding then; 5.x rejects None
     assert mlp_width(6656, True, None, 256) == 4437
     assert mlp_width(6656, False, 1.0, 256) == 6656
 
 
 def test_block_ff_dim_wins_over_intermediate_size():
-    """Some LFM2-1.2B configs carry intermediate_size 8192 *and* block_ff_dim 12288 (SPEC §3.1 pitfall)."""
+    """Some LFM2-1.2B configs carry intermediate_size 8192 *and* block_ff_dim 12288 (docs/architecture.md §2)."""
     d = copy.deepcopy(MODEL_CONFIGS["LFM2-VL-1.6B"])
     d["text_config"]["intermediate_size"] = 8192
     assert Lfm2VlConfig.from_hf(d).text.ffn_dim == 8192  # from block_ff_dim 12288, not 8192 -> 5632

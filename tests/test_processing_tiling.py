@@ -1,4 +1,4 @@
-"""The pure tiling plan against transformers' own geometry functions, SPEC §5.7 goldens, and the
+"""The pure tiling plan against transformers' own geometry functions, the announcement's goldens (docs/processing.md), and the
 announcement numbers (no pixels involved)."""
 
 import itertools
@@ -159,7 +159,7 @@ def test_mlx_vlm_golden_2560x1440():
 
 
 def test_lower_budget_can_mean_more_tokens():
-    """PEERS §0: max_image_tokens also sets the tiling threshold, so lowering it can tile an image."""
+    """docs/architecture.md §7: max_image_tokens also sets the tiling threshold, so lowering it can tile an image."""
     s = ImageSettings()
     at_256 = plan_tiles(600, 600, s)
     at_128 = plan_tiles(600, 600, s.with_overrides(max_image_tokens=128))

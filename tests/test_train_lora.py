@@ -69,7 +69,7 @@ def test_fresh_adapter_is_a_no_op_and_freezes_base():
 
 def test_target_that_matches_nothing_is_an_error():
     model = _model()
-    # The cookbook's Llama-style names (PEERS §3.1 G): one typo among valid names still fails.
+    # The cookbook's Llama-style names (docs/architecture.md §9): one typo among valid names still fails.
     with pytest.raises(ValueError) as e:
         apply_lora(model, ("q_proj", "o_proj", "gate_proj"), r=4, alpha=8)
     msg = str(e.value)

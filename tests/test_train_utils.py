@@ -3,7 +3,7 @@
 Each test module declares its own fixtures from these (module scope; building both takes well under
 a second), so no fixture has to be imported across modules.
 
-No transformers needed: the checkpoint comes from `lfm2vl.train.init_checkpoint` with the same tiny
+No transformers needed: the checkpoint comes from `lfm2vl.train.weight_init.init_checkpoint` with the same tiny
 shapes as tests/reference.py, and images are 64x64 solid colours (4 image tokens each).
 """
 
@@ -34,7 +34,7 @@ def tiny_config() -> Lfm2VlConfig:
 
 
 def make_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    from lfm2vl.train.init import init_checkpoint
+    from lfm2vl.train.weight_init import init_checkpoint
 
     return init_checkpoint(folder, tiny_config(), reference.tokenizer(), IMAGE_SETTINGS, seed=seed)
 

@@ -2,7 +2,7 @@
 
 Mirrors `Lfm2VlMultiModalProjector` and `Lfm2VlModel.get_image_features` in transformers. The
 unshuffled vector at (i, j) concatenates patches (2i,2j), (2i,2j+1), (2i+1,2j), (2i+1,2j+1), so
-channel = (dy*f + dx)*C + c (SPEC §7). A crop side that is not a multiple of the factor loses its
+channel = (dy*f + dx)*C + c (docs/architecture.md §4). A crop side that is not a multiple of the factor loses its
 last row/column of patches, as in transformers v5 (the processor never produces one).
 """
 

@@ -1,7 +1,7 @@
 """SigLIP2 NaFlex vision encoder (mirrors transformers `models/siglip2/modeling_siglip2.py`).
 
 Each crop is a list of 16x16 patches at its native aspect ratio. The learned 16x16 position grid
-is resized per crop with an antialiased bilinear filter (SPEC §6.2; the "central issue" of
+is resized per crop with an antialiased bilinear filter (docs/architecture.md §3; the "central issue" of
 llama.cpp's parity work). The encoder runs *packed*: padded patch rows are dropped before the
 first layer, linear layers run over all real patches at once, and attention runs per group of
 crops of equal shape. Valid rows equal the reference's padded-and-masked computation.

@@ -8,7 +8,7 @@ Modes whose 8-bit conversion would clip (16/32-bit integer, float) are refused i
 orientation is applied to every PIL source; animated images give their first frame.
 
 `resize` reproduces torchvision's `resize(uint8, antialias=True)` exactly in plain torch (the
-processor passes checkpoints' `resample` straight to it; SPEC §5.4).
+processor passes checkpoints' `resample` straight to it; docs/processing.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .patches import crops_to_packed, crops_to_padded, patchify  # noqa: F401  (re-exported)
 from .settings import DEFAULT_MAX_IMAGE_PIXELS
 from .tiling import TilePlan
 
@@ -233,8 +232,3 @@ def make_crops(image: torch.Tensor, plan: TilePlan, resample: str) -> list[torch
     if plan.crops[-1].kind == "thumbnail":
         crops.append(resize(image, plan.resized_height, plan.resized_width, resample))
     return crops
-
-
-def image_size(image: Any) -> tuple[int, int]:
-    """(width, height) of a loaded (3, H, W) tensor."""
-    return int(image.shape[-1]), int(image.shape[-2])

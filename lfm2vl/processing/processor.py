@@ -35,7 +35,7 @@ class Processor:
     """Tokenizer + image settings + chat template of one checkpoint."""
 
     def __init__(self, tokenizer: TextTokenizer, settings: ImageSettings, chat_template: str | None = None):
-        self.text = tokenizer
+        self.text_tokenizer = tokenizer
         self.settings = settings
         self.chat_template = chat_template
 
@@ -52,36 +52,36 @@ class Processor:
     # -- tokens ---------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.text.tokenizer
+        return self.text_tokenizer.tokenizer
 
     @property
     def image_token(self) -> str:
-        return self.text.image_token
+        return self.text_tokenizer.image_token
 
     @property
     def image_token_id(self) -> int:
-        return self.text.image_token_id
+        return self.text_tokenizer.image_token_id
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.text.bos_token_id
+        return self.text_tokenizer.bos_token_id
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.text.eos_token_id
+        return self.text_tokenizer.eos_token_id
 
     @property
     def pad_token_id(self) -> int | None:
-        return self.text.pad_token_id
+        return self.text_tokenizer.pad_token_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (special-token strings in it are recognised; nothing is added)."""
-        return self.text.encode(text)
+        return self.text_tokenizer.encode(text)
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
-        return self.text.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.text_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- images without pixels ------------------------------------------------------------------
     def plan(self, width: int, height: int, **image_settings: Any) -> TilePlan:
@@ -116,9 +116,9 @@ class Processor:
         batched = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
         protected = (self.image_token,)
         if sanitize_control_tokens:
-            protected = tuple(dict.fromkeys((*self.text.special_tokens, *self._template_tokens(), self.image_token)))
+            protected = tuple(dict.fromkeys((*self.text_tokenizer.special_tokens, *self._template_tokens(), self.image_token)))
         prompts = [
-            render(conv, self.chat_template, self.text.special_tokens_map(), add_generation_prompt,
+            render(conv, self.chat_template, self.text_tokenizer.special_tokens_map(), add_generation_prompt,
                    protected, **(template_kwargs or {}))
             for conv in (messages if batched else [messages])
         ]
@@ -137,8 +137,8 @@ class Processor:
             raise ValueError("this checkpoint ships no chat template (chat_template.jinja or tokenizer_config.json)")
         protected = (self.image_token,)
         if sanitize_control_tokens:
-            protected = tuple(dict.fromkeys((*self.text.special_tokens, *self._template_tokens(), self.image_token)))
-        chat = render(conversation, self.chat_template, self.text.special_tokens_map(), True, protected)
+            protected = tuple(dict.fromkeys((*self.text_tokenizer.special_tokens, *self._template_tokens(), self.image_token)))
+        chat = render(conversation, self.chat_template, self.text_tokenizer.special_tokens_map(), True, protected)
         if any(source is None for source in chat.images):
             raise ValueError("an image part has no image/url/path/base64 source")
         return self._prompt(chat.marked, list(chat.images), True, image_settings)
@@ -158,13 +158,13 @@ class Processor:
         loaded = [load_image(src, settings.max_image_pixels) for src in sources]
         plans = [plan_tiles(int(im.shape[2]), int(im.shape[1]), settings) for im in loaded]
         expanded = self._expand(text, plans, settings, marked)
-        ids = self.text.encode_marked(expanded) if marked else self.text.encode(expanded)
+        ids = self.text_tokenizer.encode_marked(expanded) if marked else self.text_tokenizer.encode(expanded)
         images = [PromptImage(im, plan, settings) for im, plan in zip(loaded, plans, strict=True)]
         return Prompt(ids, images, self.image_token_id)
 
     def _template_tokens(self) -> list[str]:
         # Non-special added tokens written by the template itself are control tokens too (as upstream).
-        return [t for t in self.text.added_tokens if t in (self.chat_template or "") and not t.isspace()]
+        return [t for t in self.text_tokenizer.added_tokens if t in (self.chat_template or "") and not t.isspace()]
 
     def _chat_inputs(self, prompts: list[ChatPrompt], packed: bool, image_settings: dict) -> dict[str, torch.Tensor]:
         for prompt in prompts:
@@ -221,7 +221,7 @@ class Processor:
         loaded = [[load_image(src, settings.max_image_pixels) for src in sample] for sample in images]
         plans = [[plan_tiles(int(im.shape[2]), int(im.shape[1]), settings) for im in sample] for sample in loaded]
         expanded = [self._expand(t, p, settings, marked) for t, p in zip(texts, plans, strict=True)]
-        encode = self.text.encode_marked if marked else self.text.encode
+        encode = self.text_tokenizer.encode_marked if marked else self.text_tokenizer.encode
         out = self._pad([encode(t) for t in expanded])
         pairs = [(im, plan) for ims, ps in zip(loaded, plans, strict=True) for im, plan in zip(ims, ps, strict=True)]
         crops = [crop for im, plan in pairs for crop in make_crops(im, plan, settings.resample)]  # batch order
@@ -235,7 +235,7 @@ class Processor:
     def _expand(self, text: str, plans: list[TilePlan], s: ImageSettings, marked: bool) -> str:
         for plan in plans:
             for marker in plan.markers(s.use_image_special_tokens):
-                self.text.token_id(marker)  # a layout the vocabulary cannot express is an error, not text
+                self.text_tokenizer.token_id(marker)  # a layout the vocabulary cannot express is an error, not text
         it = iter(plans)
         return self._slot_re(marked).sub(
             lambda _: next(it).placeholder(s.use_image_special_tokens, self.image_token), text
@@ -249,7 +249,7 @@ class Processor:
         input_ids = torch.full((len(ids), length), pad or 0, dtype=torch.int64)  # (B, T)
         attention_mask = torch.zeros(len(ids), length, dtype=torch.int64)  # (B, T)
         for i, x in enumerate(ids):
-            span = slice(length - len(x), length) if self.text.padding_side == "left" else slice(0, len(x))
+            span = slice(length - len(x), length) if self.text_tokenizer.padding_side == "left" else slice(0, len(x))
             input_ids[i, span] = torch.tensor(x, dtype=torch.int64)
             attention_mask[i, span] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -2,7 +2,7 @@
 
 Mirrors the class defaults and kwargs of `Lfm2VlImageProcessor` (transformers
 `models/lfm2_vl/image_processing_lfm2_vl.py`). A checkpoint may describe its image processor in
-three places, and the released repos split their knobs between two of them (PEERS §0,
+three places, and the released repos split their knobs between two of them (docs/architecture.md §9,
 mlx-vlm#2266), so all three are merged; where two set the same key, the higher one wins, in
 transformers' order of precedence (`ImageProcessingMixin.get_image_processor_dict`):
 
@@ -59,7 +59,7 @@ def resample_name(value: Any) -> str:
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """How images become crops, patches and tokens (defaults = transformers' class defaults, SPEC §3.4)."""
+    """How images become crops, patches and tokens (defaults = transformers' class defaults, docs/architecture.md §7)."""
 
     min_image_tokens: int = 64
     max_image_tokens: int = 256

@@ -2,7 +2,7 @@
 
 Mirrors `smart_resize`, `_is_image_too_large`, `_target_ratios`, `find_closest_aspect_ratio` and
 `crop_image_to_patches` of transformers' `Lfm2VlImageProcessor`, and `_build_image_tokens` of
-`Lfm2VlProcessor` (SPEC §5). The same `TilePlan` drives the pixel pipeline, the placeholder string
+`Lfm2VlProcessor` (docs/processing.md). The same `TilePlan` drives the pixel pipeline, the placeholder string
 and token counting, so the three cannot drift apart. Python `round()` (half to even) is
 deliberate: 720 px must stay 704, not 736.
 """
@@ -100,7 +100,7 @@ class TilePlan:
 
 
 def smart_resize(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
-    """(height, width) rounded to multiples of 32 and brought inside the token budget (SPEC §5.2)."""
+    """(height, width) rounded to multiples of 32 and brought inside the token budget (docs/processing.md)."""
     f = s.total_factor
     min_pixels = s.min_image_tokens * s.encoder_patch_size**2 * s.downsample_factor**2
     max_pixels = s.max_image_tokens * s.encoder_patch_size**2 * s.downsample_factor**2

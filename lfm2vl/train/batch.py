@@ -5,7 +5,7 @@ processor (`apply_chat_template(..., tokenize=True, packed=True)`), so training 
 tokens inference sees. Labels are then derived from the token ids, not from character offsets:
 every `<|im_start|>ROLE\\n ... <|im_end|>` span whose ROLE is `assistant` is a target, its closing
 `<|im_end|>` included (so the model learns to stop); the role header, system / user turns, image
-tokens and padding are -100. (PEERS §3.1 G: the cookbook collate masks only padding.)
+tokens and padding are -100. (docs/architecture.md §9: the cookbook's collate masks only padding.)
 
 Labels are aligned with `input_ids` (Hugging Face convention): the loss predicts labels[t + 1]
 from position t. A batch concatenates the crops of all its images, in token order, as the packed
@@ -64,7 +64,7 @@ def assistant_labels(ids: list[int], processor: Any) -> list[int]:
     any tokenizer works, whatever pieces it splits "assistant\\n" into. A turn without its
     `<|im_end|>` (cut by truncation) is a target up to the end.
     """
-    tok = processor.text
+    tok = processor.text_tokenizer
     start, end = tok.optional_id(IM_START), tok.optional_id(IM_END)
     if start is None or end is None:
         raise ValueError(f"assistant-only labels need a ChatML template: the tokenizer lacks {IM_START} / {IM_END}")
@@ -98,7 +98,7 @@ def encode(processor: Any, record: Record, max_length: int) -> Example:
         pixel_values, shapes = out.get("pixel_values"), out.get("spatial_shapes")
     else:
         bos = processor.bos_token_id
-        ids = ([] if bos is None else [bos]) + processor.text.encode_as_text(record.text)
+        ids = ([] if bos is None else [bos]) + processor.text_tokenizer.encode_as_text(record.text)
         labels = [IGNORE] + ids[1:]  # plain text: every token after the first is a target
         pixel_values = shapes = None
     if len(ids) > max_length:

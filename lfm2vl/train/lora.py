@@ -5,7 +5,7 @@ so a fresh adapter changes nothing (Hu et al. 2021; the layout PEFT uses). Modul
 names follow PEFT (`<name>.base_layer`, `<name>.lora_A.weight`, `<name>.lora_B.weight`), and the
 adapter file uses PEFT's `base_model.model.<Hub name>` keys, so PEFT can read it.
 
-Targets name LFM2-VL's own layers (PEERS §3.1 G: `o_proj`, `gate_proj`, ... do not exist here and
+Targets name LFM2-VL's own layers (docs/architecture.md §9: `o_proj`, `gate_proj`, ... do not exist here and
 would silently match nothing elsewhere); every target must match at least one layer, or a
 ValueError lists the names that do exist.
 """

@@ -2,7 +2,7 @@
 
 The released LFM2 tokenizer (65,536 entries) cannot be downloaded here, so tests and the bundled
 model use one built with `tokenizers`: ids 0..499 hold the LFM2 control and image tokens exactly
-where the real vocabulary has them (SPEC §4), ordinary BPE entries follow. Everything downstream
+where the real vocabulary has them (docs/architecture.md §8), ordinary BPE entries follow. Everything downstream
 resolves special ids through the tokenizer, so a smaller vocabulary changes nothing but its size.
 """
 

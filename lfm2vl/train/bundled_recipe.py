@@ -1,6 +1,6 @@
 """Build the bundled model from scratch: data, tokenizer, random init, a three-stage recipe, evaluation.
 
-    python -m lfm2vl.train.bundled --output runs/bundled [--install]
+    python -m lfm2vl.train.bundled_recipe --output runs/bundled [--install]
 
 The recipe (docs/bundled_model.md) runs entirely through the public trainer:
 1. "vision": describe each training image ("red circle"): the image path must carry the answer, so
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..config import Lfm2VlConfig, TextConfig, VisionConfig
 from .config import Stage, TrainConfig
-from .init import init_checkpoint
+from .weight_init import init_checkpoint
 from .tokenizer import build_tokenizer
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -172,7 +172,7 @@ def build(output: Path, scale: float = 1.0, install: bool = False, evaluate: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lfm2vl.train.bundled", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lfm2vl.train.bundled_recipe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/bundled", help="work folder (data, checkpoints, final model)")
     p.add_argument("--install", action="store_true", help=f"copy the trained model into {ASSET}")
