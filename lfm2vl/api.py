@@ -191,6 +191,9 @@ class Model:
             handle.cancel()
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Model:
+        if self._engine is not None:  # its cache lives on the old device / dtype
+            self._engine.stop(drain=True)
+            self._engine = None
         self.module.to(device=device, dtype=parse_dtype(dtype))
         return self
 

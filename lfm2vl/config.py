@@ -125,7 +125,7 @@ class TextConfig:
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> TextConfig:
         _note_unknown("text_config", d, _KNOWN_TEXT)
-        f = {x.name: x.default for x in fields(cls)}  # fallbacks == the dataclass defaults (LFM2-VL-450M)
+        f = {x.name: x.default for x in fields(cls)}  # fallbacks == the dataclass defaults (transformers Lfm2Config)
         n = int(d.get("num_hidden_layers", d.get("num_layers", f["num_hidden_layers"])))
         if d.get("layer_types"):
             layer_types = tuple("full_attention" if t in ("full_attention", "attention") else t for t in d["layer_types"])

@@ -144,3 +144,36 @@ def test_image_token_feature_mismatch_is_a_clear_error(pair):
     ids[0, (ids[0] == ours.config.image_token_id).nonzero()[0, 0]] = 5  # drop one <image> slot
     with pytest.raises(ValueError, match=r"image tokens \(\d+\) != image features \(\d+\)"):
         ours(**{**inputs, "input_ids": ids})
+
+
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=pytest.mark.gpu),
+]
+# Half precision: both sides round differently at every op, so compare against the fp32 reference with
+# a tolerance scaled to the logits' spread, and require (near-)identical top-1 tokens.
+HALF_TOL, HALF_AGREEMENT = 0.1, 0.97  # measured on CPU bf16: max diff 3.6% of the spread, top-1 >= 0.97
+
+
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
+def test_logits_across_devices_and_dtypes(pair, device, dtype):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ref, ours, proc = pair
+    texts, images = CASES["batch_left_padded"]
+    inputs = dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+    with torch.no_grad():
+        expected = ref(**inputs).logits  # fp32 on the CPU
+    model = lfm2vl.load(ours.source, device=device, dtype=dtype)
+    got = model(**{k: v.to(dtype) if k == "pixel_values" else v for k, v in inputs.items()}).float().cpu()
+    mask = inputs["attention_mask"].bool()
+    if dtype == torch.float32:
+        _assert_close("logits", got, expected, mask)
+        return
+    spread = expected[mask].std().item()
+    diff = (got - expected).abs()[mask].max().item()
+    assert diff <= HALF_TOL * spread, f"{device} {dtype}: max |diff| {diff:.3g} vs logit spread {spread:.3g}"
+    agreement = (got.argmax(-1) == expected.argmax(-1))[mask].float().mean().item()
+    assert agreement >= HALF_AGREEMENT, f"{device} {dtype}: top-1 agreement {agreement:.3f}"
