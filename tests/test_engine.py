@@ -138,3 +138,26 @@ def test_decode_step_makes_no_host_syncs(model):
     with count_host_syncs() as step_syncs:
         e.step()
     assert dict(step_syncs) == {"tolist": 1}, dict(step_syncs)
+
+
+def test_cache_memory_bounds_hold_on_the_bundled_model(bundled):
+    import gc
+    import weakref
+
+    probe = Engine(bundled.module, bundled.processor.decode, EngineConfig())
+    probe.submit(_req(bundled, [_user("what shape is in the image?", "examples/red_circle.png")], max_new_tokens=4,
+                      min_new_tokens=0)).result()
+    entry_mb = probe.prefix_cache.bytes / 2**20
+    feats_mb = probe.image_cache.bytes / 2**20
+    e = Engine(bundled.module, bundled.processor.decode,
+               EngineConfig(prefix_cache_mb=entry_mb * 2.5, image_cache_mb=feats_mb * 1.5))  # ~2 entries, 1 image
+    refs = []
+    for i, q in enumerate(["what shape is in the image?", "what color is the shape?", "is it red?", "is it a circle?"]):
+        image = _image(64, 64, 100 + i)  # new content each time: a new image-cache key
+        e.submit(_req(bundled, [_user(q, image)], max_new_tokens=4, min_new_tokens=0)).result()
+        refs.append(weakref.ref(next(reversed(e.prefix_cache.entries.values())).state.k[bundled.config.text.attention_layers[0]]))
+        assert e.prefix_cache.bytes <= e.prefix_cache.capacity and e.image_cache.bytes <= e.image_cache.capacity
+    gc.collect()
+    stats = e.stats()
+    assert stats["prefix_cache_evictions"] >= 2 and stats["image_cache_evictions"] >= 3
+    assert sum(r() is None for r in refs) >= 2, "evicted prefix states must be freed"
