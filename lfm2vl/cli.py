@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from .engine import EngineError
+
 SAMPLING_PRESETS = ("recommended", "greedy")
 
 
@@ -131,7 +133,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 reply += piece
                 print(piece, end="", flush=True)
             print()
-        except (ValueError, OSError) as e:  # a bad image or an over-long conversation: keep the session
+        except (ValueError, OSError, EngineError) as e:  # a bad image or an over-long conversation: keep the session
             print(f"\nerror: {e}", file=sys.stderr)
             continue
         history += [message, {"role": "assistant", "content": reply}]
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, EngineError) as e:
         if os.environ.get("LFM2VL_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
