@@ -82,7 +82,7 @@ def part_throughput(n: int, new_tokens: int, rate: float, seed: int) -> dict:
     for _ in range(n):
         q = rng.choice(QUESTIONS).format(s=rng.choice(SHAPES), c=rng.choice(COLORS))
         convs.append([user(q, shape_image(rng))])
-    requests = [model._request(c, *model._split_options(opts)) for c in convs]
+    requests = [model.request(c, **opts) for c in convs]
     t, arrivals = 0.0, []
     for _ in range(n):
         t += rng.expovariate(rate)
@@ -126,7 +126,7 @@ def part_caches(new_tokens: int) -> dict:
     conv = [user("Describe this image in detail.", image)]
 
     def ttft(engine, c):
-        h = engine.submit(model._request(c, *model._split_options(opts)))
+        h = engine.submit(model.request(c, **opts))
         comp = h.result()
         return comp
 

@@ -20,7 +20,7 @@ import torch
 
 from .completion import checkpoint_defaults, make_request, normalize_conversations
 from .config import Lfm2VlConfig
-from .engine import Completion, Engine, EngineConfig, EngineError, RequestHandle
+from .engine import Completion, Engine, EngineConfig, EngineError, Request, RequestHandle
 from .hub import SIDE_FILES, resolve
 from .model.lfm2vl import Lfm2Vl
 from .sampling import RECOMMENDED, SamplingParams
@@ -139,10 +139,14 @@ class Model:
         image = {k: v for k, v in options.items() if k in image_keys and v is not None}
         return self.sampling_params(options.get("preset"), **sampling), image
 
+    def request(self, conversation: list[dict], **options: Any) -> Request:
+        """One conversation + options (as `generate`) -> an engine `Request`; every input is checked here."""
+        params, image = self._split_options(options)
+        return self._request(conversation, params, image)
+
     def submit(self, conversation: list[dict], **options: Any) -> RequestHandle:
         """Queue one conversation on the engine; iterate the handle for `StreamEvent`s, or `.result()`."""
-        params, image = self._split_options(options)
-        return self.engine.submit(self._request(conversation, params, image))
+        return self.engine.submit(self.request(conversation, **options))
 
     def _request(self, conversation: list[dict], params: SamplingParams, image: dict[str, Any]):
         if self.processor is None:

@@ -47,7 +47,7 @@ def _fresh(model, **kw):
 
 
 def _req(model, conv, **opts):
-    return model._request(conv, *model._split_options({**OPTS, **opts}))
+    return model.request(conv, **{**OPTS, **opts})
 
 
 def test_staggered_joins_and_cancellations_give_solo_tokens(model):

@@ -7,6 +7,7 @@ tokens arrive as an async stream. A streaming client that disconnects cancels it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -126,9 +127,7 @@ def create_app(model: Model, served_model_name: str = "lfm2vl") -> FastAPI:
                            f"{served_model_name!r}", "model", "model_not_found")
         messages, opts = _messages(body), _options(body)
         try:
-            params, image = model._split_options(opts)
-            req = model._request(messages, params, image)
-            handle = model.engine.submit(req, loop=_loop())
+            handle = model.engine.submit(model.request(messages, **opts), loop=asyncio.get_running_loop())
         except QueueFull as e:
             raise ApiError(503, str(e), kind="server_error", code="queue_full") from e
         except (ValueError, TypeError, OSError) as e:
@@ -161,12 +160,6 @@ def _finish(reason: str | None) -> str:
 def _usage(event) -> dict[str, int]:
     p, c = event.prompt_tokens, event.generation_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def _loop():
-    import asyncio
-
-    return asyncio.get_running_loop()
 
 
 async def _sse(request: Request, handle, rid: str, created: int, name: str, include_usage: bool):
