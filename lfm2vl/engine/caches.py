@@ -22,7 +22,9 @@ from ..model.cache import PrefixState
 
 
 def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held by distinct tensors (a conv state shared by a state and a boundary counts once)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 class _LRU:
@@ -86,7 +88,9 @@ class PrefixEntry:
 
     @property
     def nbytes(self) -> int:
-        return self.state.nbytes + sum(_nbytes(c.values()) for c in self.boundaries.values())
+        s = self.state
+        boundary_states = [t for conv in self.boundaries.values() for t in conv.values()]
+        return _nbytes([*s.k.values(), *s.v.values(), *s.conv.values(), *boundary_states])
 
 
 @dataclass(frozen=True)

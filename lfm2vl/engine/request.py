@@ -57,9 +57,10 @@ class Request:
             raise ValueError("a request needs at least one prompt token")
         if self.images and self.image_token_id is None:
             raise ValueError("a request with images needs image_token_id")
+        self.image_positions = self._image_positions()  # validates the image-token count once, here
         if self.key is None:
             key: list = list(self.ids)
-            rows = iter(self.image_rows())
+            rows = iter(self.image_positions)
             for img in self.images:
                 for _ in range(img.tokens):
                     key[next(rows)] = img.key
@@ -67,7 +68,7 @@ class Request:
         if len(self.key) != len(self.ids):
             raise ValueError("the content key must have one entry per prompt token")
 
-    def image_rows(self) -> list[int]:
+    def _image_positions(self) -> list[int]:
         """Positions of the image tokens in `ids` (image j owns the next images[j].tokens of them)."""
         if not self.images:
             return []

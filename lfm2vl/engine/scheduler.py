@@ -79,7 +79,7 @@ class _Active:
     key: tuple | None
     n_prompt: int
     cached: int  # prompt positions restored from the prefix cache
-    image_rows: list[int]  # positions of the image tokens
+    image_positions: list[int]  # positions of the image tokens
     image_offsets: list[int]  # first image-token index of each image
     features: list[torch.Tensor | None]
     crop_work: deque  # (image, crop) pairs still to encode
@@ -144,7 +144,6 @@ class Engine:
             )
         if request.params.stop and self.decode is None:
             raise ValueError("stop strings need a tokenizer: create the engine with decode=")
-        request.image_rows()  # validates the image-token count now, in the caller's thread
         handle = RequestHandle(self, request, loop)
         with self._qlock:
             if self.config.max_queue is not None and len(self._queue) >= self.config.max_queue:
@@ -226,7 +225,7 @@ class Engine:
             with self._qlock:
                 queued, self._queue = list(self._queue), deque()
             for h in queued:
-                self._finish_handle(h, "error", error, cached=0)
+                self._finish_handle(h, "error", error)
 
     def step_for(self, handle: RequestHandle) -> bool:
         """Step once on behalf of a waiting handle; False if a worker thread owns the stepping."""
@@ -263,7 +262,7 @@ class Engine:
             for h in dropped:
                 self._queue.remove(h)
         for h in dropped:
-            self._finish_handle(h, "cancelled", None, cached=0)
+            self._finish_handle(h, "cancelled", None)
         for a in [a for a in self._active.values() if a.handle.id in cancel]:
             self._finish(a, "cancelled")
 
@@ -278,7 +277,7 @@ class Engine:
                 self._active[free[0]] = self._start(handle, free[0])
                 free.pop(0)
             except Exception as e:  # noqa: BLE001  (one bad request must not stop the engine)
-                self._finish_handle(handle, "error", f"{type(e).__name__}: {e}", cached=0)
+                self._finish_handle(handle, "error", f"{type(e).__name__}: {e}")
 
     def _start(self, handle: RequestHandle, slot: int) -> _Active:
         req = handle.request
@@ -290,7 +289,7 @@ class Engine:
         if hit is not None:
             self.cache.write_prefix(slot, hit.entry.state, hit.length, hit.conv)
             cached = hit.length
-        rows = req.image_rows()
+        rows = req.image_positions
         offsets, n = [], 0
         for img in req.images:
             offsets.append(n)
@@ -352,7 +351,7 @@ class Engine:
                 self.image_cache.put(a.request.images[j].key, feats)
 
     def _chunk_features(self, a: _Active, start: int, end: int) -> torch.Tensor | None:
-        lo, hi = bisect.bisect_left(a.image_rows, start), bisect.bisect_left(a.image_rows, end)
+        lo, hi = bisect.bisect_left(a.image_positions, start), bisect.bisect_left(a.image_positions, end)
         if lo == hi:
             return None
         parts = []
@@ -469,13 +468,13 @@ class Engine:
         if not save or a.key is None or not self.prefix_cache.capacity or length < a.n_prompt or not a.boundaries:
             return
         key = (tuple(a.key) + tuple(a.handle.completion.token_ids))[:length]
-        a.boundaries[length] = self.cache.conv_snapshot(a.slot)
-        self.prefix_cache.insert(key, self.cache.read_prefix(a.slot, length), a.boundaries)
+        conv = a.boundaries[length] = self.cache.conv_snapshot(a.slot)
+        self.prefix_cache.insert(key, self.cache.read_prefix(a.slot, length, conv), a.boundaries)
 
-    def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None, cached: int) -> None:
+    def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None) -> None:
         if reason == "error":
             self.counters["errors"] += 1
-        handle._put(StreamEvent("", None, reason, len(handle.request.ids), 0, cached, 0.0, 0.0, 0.0, error))
+        handle._put(StreamEvent("", None, reason, len(handle.request.ids), 0, 0, 0.0, 0.0, 0.0, error))
 
 
 def _pow2(n: int) -> int:

@@ -44,11 +44,6 @@ class PrefixState:
     v: dict[int, torch.Tensor]
     conv: dict[int, torch.Tensor]  # layer -> (D, K-1), the state at exactly `length`
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [*self.k.values(), *self.v.values(), *self.conv.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 class HybridCache:
     def __init__(
@@ -73,12 +68,6 @@ class HybridCache:
         self.grow(max_len)
 
     # -- memory -----------------------------------------------------------------------------------
-    @property
-    def bytes_per_token(self) -> int:
-        """KV bytes one position of one slot takes (all attention layers, K and V)."""
-        c = self.cfg
-        return 2 * len(c.attention_layers) * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
-
     def grow(self, max_len: int) -> None:
         """Make room for `max_len` positions per slot, keeping what is stored (no-op if already there)."""
         if max_len <= self.max_len:
