@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .completion import checkpoint_defaults, make_request, normalize_conversations
+from .completion import checkpoint_defaults, make_request, make_text_request, normalize_conversations
 from .config import Lfm2VlConfig
 from .engine import Completion, Engine, EngineConfig, EngineError, Request, RequestHandle
 from .hub import SIDE_FILES, resolve
@@ -143,6 +143,15 @@ class Model:
         """One conversation + options (as `generate`) -> an engine `Request`; every input is checked here."""
         params, image = self._split_options(options)
         return self._request(conversation, params, image)
+
+    def text_request(self, prompt: str | list[int], **options: Any) -> Request:
+        """A raw prompt (text, or token ids), no chat template, no images -> an engine `Request`."""
+        params, image = self._split_options(options)
+        if image:
+            raise TypeError(f"a raw text prompt has no images: image options {sorted(image)} do not apply")
+        if self.processor is None:
+            raise ValueError(f"{self.source} has no tokenizer.json: it cannot generate text")
+        return make_text_request(self.processor, prompt, params, self.eos_token_ids, self.config.text.vocab_size)
 
     def submit(self, conversation: list[dict], **options: Any) -> RequestHandle:
         """Queue one conversation on the engine; iterate the handle for `StreamEvent`s, or `.result()`."""

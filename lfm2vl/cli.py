@@ -1,5 +1,5 @@
 """`lfm2vl` command line: generate (one question), chat (an interactive session), eval (a task score),
-train (fine-tuning; lfm2vl/train/command.py).
+train (fine-tuning; lfm2vl/train/command.py), serve (the HTTP server; lfm2vl/server/command.py).
 
 Thin wrappers over `lfm2vl.load()` and `Model.generate` / `Model.stream`; every option maps to
 one documented keyword. Without --model the bundled model is used.
@@ -150,21 +150,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-
-        from .server.app import create_app
-    except ImportError as e:
-        raise OSError(f"serving needs FastAPI and uvicorn ({e}): pip install 'lfm2vl[serve]'") from e
-    model = _load(args)
-    app = create_app(model, args.served_model_name)
-    print(f"lfm2vl serving {model.source} as {args.served_model_name!r} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfm2vl", description="LFM2-VL vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,12 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=8)
     e.add_argument("--predictions", default=None, help="write per-sample predictions to this JSONL file")
     e.set_defaults(func=cmd_eval)
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (POST /v1/chat/completions)")
-    _add_model_args(v)
-    v.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    v.add_argument("--port", type=int, default=8000, help="default: 8000")
-    v.add_argument("--served-model-name", default="lfm2vl", help="the model id clients send (default: lfm2vl)")
-    v.set_defaults(func=cmd_serve)
+    from .server.command import add_parser as add_serve_parser
+
+    add_serve_parser(sub, _add_model_args)
     from .train.command import add_parser as add_train_parser
 
     add_train_parser(sub)

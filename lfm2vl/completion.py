@@ -56,6 +56,24 @@ def stop_token_ids(params: SamplingParams, eos_ids: tuple[int, ...], tokenizer_e
     return frozenset(ids)
 
 
+def make_text_request(
+    processor: Any, prompt: str | list[int], params: SamplingParams, eos_ids: tuple[int, ...], vocab_size: int,
+) -> Request:
+    """A raw prompt (no chat template) -> an engine request. Text is tokenized as is, with BOS first when
+    the tokenizer has one (as the reference tokenizer's default); token ids are used unchanged."""
+    if isinstance(prompt, str):
+        ids = processor.text_prompt(prompt).ids
+        bos = processor.text_tokenizer.bos_token_id
+        if bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+    else:
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < vocab_size or t == processor.image_token_id]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab_size}) and not the image token; got {bad[:5]}")
+    return Request(ids, params, stop_token_ids(params, eos_ids, processor.eos_token_id))
+
+
 def make_request(
     processor: Any, conversation: list[dict], params: SamplingParams, eos_ids: tuple[int, ...],
     image_settings: dict[str, Any],

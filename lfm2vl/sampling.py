@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -26,6 +29,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, cut from the output
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS
     ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k >= 0: each token's log-probability plus the k most likely
 
     def __post_init__(self) -> None:
         checks = [
@@ -36,6 +40,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be in [0, {MAX_LOGPROBS}] (the number of alternatives per token) or None"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -106,3 +112,16 @@ def next_tokens(
         return logits.argmax(-1)
     probs = filter_logits(logits, p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, ks: list[int]
+) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+    """logits (B, V), tokens (B,) -> per row: the token's log-probability and the ks[row] most likely
+    (token, log-probability) pairs, best first. Raw model log-probabilities (before penalties and
+    temperature), read to the host once."""
+    lp = logits.float().log_softmax(-1)  # (B, V)
+    chosen = lp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    top_v, top_i = lp.topk(max(ks), dim=-1) if max(ks) else (lp[:, :0], tokens[:, None][:, :0])
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [(chosen[r], tuple(zip(top_i[r][:k], top_v[r][:k], strict=True))) for r, k in enumerate(ks)]

@@ -1,7 +1,7 @@
 """The generation engine: continuous batching, image cache, prefix cache (docs/engine.md)."""
 
-from .request import Completion, EngineError, QueueFull, Request, RequestHandle, StreamEvent
+from .request import Completion, ContextOverflow, EngineError, QueueFull, Request, RequestHandle, StreamEvent
 from .scheduler import Engine, EngineConfig
 
-__all__ = ["Completion", "Engine", "EngineConfig", "EngineError", "QueueFull", "Request", "RequestHandle",
+__all__ = ["Completion", "ContextOverflow", "Engine", "EngineConfig", "EngineError", "QueueFull", "Request", "RequestHandle",
            "StreamEvent"]

@@ -93,6 +93,10 @@ class StreamEvent:
     generation_tps: float  # generated tokens / time since the first
     peak_memory_mb: float
     error: str | None = None
+    # With SamplingParams.logprobs: the token's log-probability under the model (raw logits, before
+    # penalties and temperature) and the most likely (token, log-probability) pairs, best first.
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -114,6 +118,10 @@ class Completion:
 
 class EngineError(RuntimeError):
     """A request failed inside the engine (the message names the cause); the engine keeps serving."""
+
+
+class ContextOverflow(ValueError):
+    """The prompt plus max_new_tokens does not fit the context (a server answers 400 context_length_exceeded)."""
 
 
 class QueueFull(RuntimeError):

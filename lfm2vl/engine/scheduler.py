@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from ..sampling import next_tokens
+from ..sampling import next_tokens, token_logprobs
 from ..textstream import TextStream
 from .caches import ImageCache, PrefixCache
-from .request import QueueFull, Request, RequestHandle, StreamEvent, peak_memory_mb
+from .request import FINISH_REASONS, ContextOverflow, QueueFull, Request, RequestHandle, StreamEvent, peak_memory_mb
 
 log = logging.getLogger("lfm2vl.engine")
 
@@ -91,6 +91,7 @@ class _Active:
     banned: torch.Tensor | None = None
     boundaries: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     next_input: int | None = None  # sampled, not yet fed
+    logprobs: tuple[float, tuple[tuple[int, float], ...]] | None = None  # of the token just sampled
     generated: int = 0
     t_submit: float = 0.0
     t_first: float | None = None
@@ -129,7 +130,8 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._stopping = False
         self.counters = dict(steps=0, requests=0, finished=0, prompt_tokens=0, prefilled_tokens=0,
-                             generated_tokens=0, vision_crops=0, errors=0)
+                             generated_tokens=0, vision_crops=0, decode_steps=0, decode_rows=0,
+                             **{f"finished_{r}": 0 for r in FINISH_REASONS})
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent decode steps
 
     # -- submission (any thread) ---------------------------------------------------------------------
@@ -137,7 +139,7 @@ class Engine:
         """Queue a request; returns its handle. `loop` (asyncio) makes the handle stream to that loop."""
         need = len(request.ids) + request.params.max_new_tokens
         if need > self.max_len:
-            raise ValueError(
+            raise ContextOverflow(
                 f"prompt ({len(request.ids)} tokens) + max_new_tokens ({request.params.max_new_tokens}) = {need} "
                 f"exceeds the context of {self.max_len}; shorten the conversation, lower max_image_tokens, or "
                 "lower max_new_tokens"
@@ -402,6 +404,8 @@ class Engine:
                 self._finish(a, "error", f"{type(e).__name__}: {e}")
             return
         self._recent.append((time.perf_counter(), len(rows)))
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += len(rows)
         for a, token in zip(rows, tokens, strict=True):
             self._emit(a, token)
 
@@ -415,6 +419,11 @@ class Engine:
                 continue
             history = a.history if a.history is not None else logits.new_empty(1, 0, dtype=torch.long)
             tokens[i] = next_tokens(logits[i : i + 1], history, p, a.generator, banned)[0]
+        want = [i for i, a in enumerate(rows) if a.request.params.logprobs is not None]
+        if want:
+            ks = [rows[i].request.params.logprobs for i in want]
+            for i, lp in zip(want, token_logprobs(logits[want], tokens[want], ks), strict=True):
+                rows[i].logprobs = lp
         return tokens.tolist()
 
     def _emit(self, a: _Active, token: int) -> None:
@@ -444,6 +453,7 @@ class Engine:
     # -- finishing -----------------------------------------------------------------------------------
     def _event(self, a: _Active, text: str, token: int | None, reason: str | None, error: str | None = None):
         now = time.perf_counter()
+        logprob, top = a.logprobs if token is not None and a.logprobs is not None else (None, ())
         ttft = (a.t_first or now) - a.t_submit
         gen_time = now - (a.t_first or now)
         return StreamEvent(
@@ -451,6 +461,7 @@ class Engine:
             cached_tokens=a.cached, prompt_tps=a.n_prompt / ttft if ttft > 0 else 0.0,
             generation_tps=(a.generated - 1) / gen_time if gen_time > 0 and a.generated > 1 else 0.0,
             peak_memory_mb=peak_memory_mb(self.cache.device) if reason is not None else 0.0, error=error,
+            logprob=logprob, top_logprobs=top,
         )
 
     def _finish(self, a: _Active, reason: str, error: str | None = None, save: bool = True) -> None:
@@ -461,9 +472,7 @@ class Engine:
     def _release(self, a: _Active, save: bool = True) -> None:
         """Free the slot; store the state it reached (prompt + fed tokens) in the prefix cache."""
         self._active.pop(a.slot, None)
-        self.counters["finished"] += 1
-        if a.handle.completion.finish_reason == "error":
-            self.counters["errors"] += 1
+        self._count_end(a.handle.completion.finish_reason)
         length = self.cache.host_lengths[a.slot]
         if not save or a.key is None or not self.prefix_cache.capacity or length < a.n_prompt or not a.boundaries:
             return
@@ -471,9 +480,12 @@ class Engine:
         conv = a.boundaries[length] = self.cache.conv_snapshot(a.slot)
         self.prefix_cache.insert(key, self.cache.read_prefix(a.slot, length, conv), a.boundaries)
 
+    def _count_end(self, reason: str | None) -> None:
+        self.counters["finished"] += 1
+        self.counters[f"finished_{reason}"] += 1
+
     def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None) -> None:
-        if reason == "error":
-            self.counters["errors"] += 1
+        self._count_end(reason)
         handle._put(StreamEvent("", None, reason, len(handle.request.ids), 0, 0, 0.0, 0.0, 0.0, error))
 
 

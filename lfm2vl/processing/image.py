@@ -43,6 +43,10 @@ class ImageError(ValueError):
     """An image could not be loaded or is not acceptable (the message says why and what to do)."""
 
 
+class ImageTooLarge(ImageError):
+    """The image has more pixels than max_image_pixels allows (refused before decoding)."""
+
+
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Any supported source -> RGB uint8 tensor (3, H, W), upright, checked against `max_pixels`."""
     if isinstance(src, torch.Tensor):
@@ -110,7 +114,7 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels: {width} x {height} (width x height)")
     if width * height > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"image of {width} x {height} = {width * height:,} pixels exceeds max_image_pixels={max_pixels:,} "
             "(decompression-bomb guard); downscale it first or raise max_image_pixels"
         )
