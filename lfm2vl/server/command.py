@@ -14,11 +14,11 @@ def add_parser(sub: Any, add_model_args: Any) -> None:
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serving.md)",
                        description="Serve the model over OpenAI's API: POST /v1/chat/completions, /v1/completions; "
                        "GET /v1/models, /health, /metrics. Defaults are safe on a laptop: 127.0.0.1 only, inline "
-                       "(data: URL) images only.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "(data: URL) images only.")
     add_model_args(v)
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--served-model-name", default="lfm2vl", help="the model id clients send")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 = every interface (default: %(default)s)")
+    v.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    v.add_argument("--served-model-name", default="lfm2vl", help="the model id clients send (default: %(default)s)")
     v.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LFM2VL_API_KEY, else none)")
     i = v.add_argument_group("image sources and limits")
@@ -27,18 +27,20 @@ def add_parser(sub: Any, add_model_args: Any) -> None:
     i.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     i.add_argument("--allow-private-image-urls", action="store_true",
                    help="let remote image URLs reach loopback, private and link-local addresses")
-    i.add_argument("--max-image-mb", type=float, default=20.0, help="per image, any source")
-    i.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds for one remote image")
-    i.add_argument("--max-images", type=int, default=8, help="images per request")
-    i.add_argument("--max-image-pixels", type=int, default=50_000_000, help="width x height per image")
-    i.add_argument("--max-body-mb", type=float, default=64.0, help="request body size (413 beyond)")
+    i.add_argument("--max-image-mb", type=float, default=20.0, help="per image, any source (default: %(default)s)")
+    i.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds for one remote image (default: %(default)s)")
+    i.add_argument("--max-images", type=int, default=8, help="images per request (default: %(default)s)")
+    i.add_argument("--max-image-pixels", type=int, default=50_000_000, help="width x height per image (default: %(default)s)")
+    i.add_argument("--max-body-mb", type=float, default=64.0, help="request body size; 413 beyond (default: %(default)s)")
     e = v.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=None,
                    help="requests generating at once (default: 8 on CPU, 32 on GPU)")
-    e.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond the slots (503 beyond)")
-    e.add_argument("--token-budget", type=int, default=None, help="tokens per engine step (default: per device)")
-    e.add_argument("--image-cache-mb", type=float, default=None, help="default: per device")
-    e.add_argument("--prefix-cache-mb", type=float, default=None, help="default: per device")
+    e.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; 503 beyond (default: %(default)s)")
+    e.add_argument("--token-budget", type=int, default=None, help="tokens per engine step (default: 512 on CPU, 2048 on GPU)")
+    e.add_argument("--image-cache-mb", type=float, default=None,
+                   help="image-feature cache; 0 = off (default: 256 on CPU, 1024 on GPU)")
+    e.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="prompt-state cache; 0 = off (default: 512 on CPU, 4096 on GPU)")
     v.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
     v.set_defaults(func=cmd_serve)
 
