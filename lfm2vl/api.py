@@ -45,6 +45,30 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPE_NAMES[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, or a ValueError saying why this machine cannot use it (before anything loads)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from e
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} is not available: {why}; use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: Apple's Metal (MPS) backend needs macOS on "
+                             "Apple silicon and a torch built with it; use cpu")
+    elif d.type != "cpu":
+        backend = getattr(torch, d.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise ValueError(f"device {str(device)!r} is not available on this machine; use cpu")
+    return d
+
+
 def read_config(folder: Path) -> Lfm2VlConfig:
     path = folder / "config.json"
     if not path.exists():
@@ -243,10 +267,10 @@ def load(
         from .bundled import bundled_path
 
         path_or_hub_id = bundled_path()
+    device = check_device(device)
+    dtype = parse_dtype(dtype)
     folder = resolve(path_or_hub_id, revision=revision)
     cfg = read_config(folder)
-    dtype = parse_dtype(dtype)
-    device = torch.device(device)
     if dtype is None:
         dtype = stored_dtype(folder)
         if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):

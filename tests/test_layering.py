@@ -23,7 +23,7 @@ ALLOWED = {
     "eval": set(),
     "train": {"lfm2vl", "api", "config", "eval", "model", "weights"},
     "server": {"lfm2vl", "api", "completion", "engine", "processing", "sampling"},
-    "cli": {"lfm2vl", "api", "config", "engine", "eval", "sampling", "server", "train"},
+    "cli": {"lfm2vl", "api", "config", "engine", "eval", "processing", "sampling", "server", "train"},
     "__main__": {"cli"},
 }
 FORBIDDEN_EVERYWHERE = {"transformers", "torchvision"}

@@ -152,11 +152,18 @@ def test_empty_bytes():
         load_image(b"")
 
 
-def test_bad_base64():
-    with pytest.raises(ImageError, match="neither an existing file nor valid base64"):
-        load_image("not/a/real/file.png")
+def test_bad_base64_and_missing_paths_say_what_is_wrong(tmp_path):
+    for missing in ("not/a/real/file.png", "abcd", "nope.png"):  # short strings are paths, not base64
+        with pytest.raises(ImageError, match=f"^no image file at '{missing}'$"):
+            load_image(missing)
+    with pytest.raises(ImageError, match="is a directory, not an image file"):
+        load_image(str(tmp_path))
+    with pytest.raises(ImageError, match="is a directory, not an image file"):
+        load_image(tmp_path)
     with pytest.raises(ImageError, match="neither an existing file nor valid base64"):
         load_image("data:image/png;base64,@@@not-base64@@@")
+    with pytest.raises(ImageError, match="neither an existing file nor valid base64"):
+        load_image("@" * 300)
 
 
 def test_data_url_without_base64():

@@ -64,6 +64,23 @@ def _image_source(part: dict[str, Any]) -> Any:
     return next((part[k] for k in _IMAGE_KEYS if k in part), None)
 
 
+GENERATION_ROLES = ("system", "user", "assistant")
+
+
+def check_conversation(messages: Any) -> None:
+    """What generation refuses, as training does: unknown roles and messages without content."""
+    if isinstance(messages, dict) or not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue  # dataclass messages and other shapes: normalize_messages names the problem
+        if m.get("role") not in GENERATION_ROLES:
+            raise ValueError(f"message {n} has role {m.get('role')!r}; use one of {list(GENERATION_ROLES)}")
+        content = m.get("content")
+        if content is None or (isinstance(content, (list, tuple)) and not content):
+            raise ValueError(f"message {n} ({m['role']}) has no content: give a string or a list of parts")
+
+
 def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     """Messages as the template expects them, and the image sources in order of appearance."""
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):

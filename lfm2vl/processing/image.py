@@ -70,24 +70,35 @@ def _read_source(src: str | os.PathLike) -> tuple[bytes, str]:
     """Bytes of a file path, a data URL or raw base64, with a short description for errors."""
     if isinstance(src, os.PathLike) or os.path.isfile(src):
         path = Path(src)
+        if path.is_dir():
+            raise ImageError(f"{str(src)!r} is a directory, not an image file")
         try:
             return path.read_bytes(), f"file {path}"
         except OSError as e:
-            raise ImageError(f"cannot read image file {path}: {e}") from e
+            raise ImageError(f"cannot read image file {path}: {e.strerror or e}") from e
     text = src.strip()
     if text.startswith(("http://", "https://")):
         raise ImageError(f"image URLs are not fetched (no network access here): download {text[:80]} first")
+    if os.path.isdir(text):
+        raise ImageError(f"{src!r} is a directory, not an image file")
     what = "base64 string"
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
         if not sep or ";base64" not in header:
             raise ImageError(f"data URL must look like 'data:image/png;base64,...', got {header[:60]!r}")
         what = "data URL"
+    elif len(text) < _MIN_BASE64:  # too short for base64 image data: a path that does not exist
+        raise ImageError(f"no image file at {src!r}")
     try:
         return base64.b64decode("".join(text.split()), validate=True), what
     except (binascii.Error, ValueError) as e:
         shown = src if len(src) < 80 else src[:77] + "..."
-        raise ImageError(f"{shown!r} is neither an existing file nor valid base64 ({e})") from e
+        raise ImageError(f"{shown!r} is neither an existing file nor valid base64 image data ({e})") from e
+
+
+# Strings shorter than this are taken as file paths: even a tiny PNG is longer in base64 (pass smaller
+# base64 data as a data: URL).
+_MIN_BASE64 = 256
 
 
 def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:

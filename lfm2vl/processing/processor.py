@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from .chat import ChatPrompt, load_chat_template, render
+from .chat import ChatPrompt, check_conversation, load_chat_template, render
 from .image import load_image, make_crops
 from .patches import crops_to_packed, crops_to_padded
 from .prompt import Prompt, PromptImage
@@ -135,6 +135,7 @@ class Processor:
         """
         if self.chat_template is None:
             raise ValueError("this checkpoint ships no chat template (chat_template.jinja or tokenizer_config.json)")
+        check_conversation(conversation)
         protected = (self.image_token,)
         if sanitize_control_tokens:
             protected = tuple(dict.fromkeys((*self.text_tokenizer.special_tokens, *self._template_tokens(), self.image_token)))

@@ -10,8 +10,10 @@ import sys
 from typing import Any
 
 
-def add_parser(sub: Any, add_model_args: Any) -> None:
-    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serving.md)",
+def add_parser(make: Any, add_model_args: Any, check_model_args: Any, load_model: Any) -> None:
+    """Register `serve` with `make(name, **kw)` (an argparse subparsers' add_parser); the CLI passes its
+    model flags, their checks and its loader (which applies --adapter)."""
+    v = make("serve", help="OpenAI-compatible HTTP server (docs/serving.md)",
                        description="Serve the model over OpenAI's API: POST /v1/chat/completions, /v1/completions; "
                        "GET /v1/models, /health, /metrics. Defaults are safe on a laptop: 127.0.0.1 only, inline "
                        "(data: URL) images only.")
@@ -42,7 +44,7 @@ def add_parser(sub: Any, add_model_args: Any) -> None:
     e.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="prompt-state cache; 0 = off (default: 512 on CPU, 4096 on GPU)")
     v.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
-    v.set_defaults(func=cmd_serve)
+    v.set_defaults(func=cmd_serve, _check_model_args=check_model_args, _load_model=load_model)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -69,10 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in dict(max_slots=args.max_slots, token_budget=args.token_budget,
                                        image_cache_mb=args.image_cache_mb, prefix_cache_mb=args.prefix_cache_mb,
                                        max_queue=args.max_queue).items() if v is not None}
+    args._check_model_args(args)
     engine_config = EngineConfig.for_device(args.device, **overrides)  # checked before the model loads
-    import lfm2vl
-
-    model = lfm2vl.load(args.model, device=args.device, dtype=args.dtype)
+    model = args._load_model(args)
     model.configure_engine(engine_config)
     app = create_app(model, settings)
     if not _loopback(args.host) and settings.api_key is None:

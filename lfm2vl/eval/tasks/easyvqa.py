@@ -30,6 +30,9 @@ def conversation(image: str, question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
+SPLITS = ("train", "test")
+
+
 def examples(split: str = "test", limit: int | None = None) -> list[Example]:
     ev = _dataset()
     if split not in ("train", "test"):

@@ -1,0 +1,154 @@
+"""Flags shared by the subcommands, and their checks: everything a user can get wrong in the arguments
+is refused here, before any weights are read (docs/generation.md lists the options)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+SAMPLING_PRESETS = ("recommended", "greedy")
+
+
+class UsageError(ValueError):
+    """A problem in the command line; the message names the flag and what to do."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the bundled model)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    g.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: as stored, but float32 on the CPU)")
+    g.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (adapter_config.json, from lfm2vl train --lora) applied at load")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Sampling and image-budget flags; each flag's dest is a keyword of `Model.generate`."""
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json; greedy without one)")
+    g.add_argument("--preset", choices=SAMPLING_PRESETS, default=None,
+                   help="recommended = the model card's temperature 0.1, min_p 0.15, repetition_penalty 1.05")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="at most this many tokens (default: the checkpoint's, else 256)")
+    g.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many tokens (default: 0)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off (default: 0)")
+    g.add_argument("--top-p", type=float, default=None, help="in (0, 1]; 1 = off (default: 1)")
+    g.add_argument("--min-p", type=float, default=None, help="in [0, 1); 0 = off (default: 0)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1 = off (default: 1)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: random)")
+    g.add_argument("--stop", action="append", default=None, type=str, metavar="TEXT",
+                   help="stop string, cut from the output (repeatable)")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None, metavar="ID",
+                   help="token ids that end the reply, besides EOS")
+    g.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past EOS")
+    i = p.add_argument_group("image budget (defaults: the checkpoint's processor settings; docs/processing.md)")
+    i.add_argument("--min-image-tokens", type=int, default=None, help="(default: 64)")
+    i.add_argument("--max-image-tokens", type=int, default=None,
+                   help="also sets the tiling threshold: a smaller budget can tile sooner (default: 256)")
+    i.add_argument("--tiling", dest="do_image_splitting", action=argparse.BooleanOptionalAction, default=None,
+                   help="split large images into tiles (default: on)")
+    i.add_argument("--min-tiles", type=int, default=None, help="(default: 2)")
+    i.add_argument("--max-tiles", type=int, default=None, help="(default: 10)")
+    i.add_argument("--thumbnail", dest="use_thumbnail", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a downscaled thumbnail after the tiles (default: on)")
+    i.add_argument("--tile-size", type=int, default=None, help="tile side in pixels (default: 512)")
+    i.add_argument("--resample", choices=("bilinear", "bicubic"), default=None,
+                   help="resize filter (default: the checkpoint's, bilinear)")
+    i.add_argument("--max-pixels-tolerance", type=float, default=None,
+                   help="how far past the tile area an image may be before it is tiled (default: 2.0)")
+    actions = [a for group in (g, i) for a in group._group_actions]
+    p.set_defaults(_option_dests=tuple(a.dest for a in actions),
+                   _option_flags={a.dest: a.option_strings[0] for a in actions})
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation keywords the user set, checked now (unset flags keep the checkpoint's defaults)."""
+    from ..processing import ImageSettings
+    from ..sampling import SamplingParams
+
+    opts = {k: getattr(args, k) for k in args._option_dests if getattr(args, k) is not None}
+    for key in ("stop", "stop_token_ids"):
+        if key in opts:
+            opts[key] = tuple(opts[key])
+    image_keys = set(ImageSettings.__dataclass_fields__)
+    sampling = {k: v for k, v in opts.items() if k not in image_keys and k != "preset"}
+    image = {k: v for k, v in opts.items() if k in image_keys}
+    try:
+        SamplingParams(**sampling)
+        ImageSettings().with_overrides(**image)
+    except ValueError as e:
+        raise UsageError(_flags_named(str(e), args._option_flags)) from e
+    return opts
+
+
+def _flags_named(message: str, flags: dict[str, str]) -> str:
+    """'max_new_tokens must be >= 1' -> '--max-new-tokens must be >= 1' (what the user typed)."""
+    for dest in sorted(flags, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){dest}(?!\w)", flags[dest], message)
+    return message
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    from ..api import check_device, parse_dtype
+
+    try:
+        check_device(args.device)
+        parse_dtype(args.dtype)
+    except ValueError as e:
+        flag = "--device" if "device" in str(e) else "--dtype"
+        raise UsageError(f"{flag}: {e}") from e
+    if args.model is not None and not Path(args.model).expanduser().exists() and "/" not in args.model:
+        raise UsageError(f"--model {args.model}: no such folder, and not a Hub id (they look like org/name)")
+    if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {args.adapter}: no adapter_config.json there (lfm2vl train --lora --no-merge "
+                         "writes adapter folders)")
+
+
+def load_model(args: argparse.Namespace):
+    """lfm2vl.load, then the LoRA adapter if asked (merged into the weights: no inference cost)."""
+    import lfm2vl
+
+    model = lfm2vl.load(args.model, device=args.device, dtype=args.dtype)
+    if args.adapter is not None:
+        from ..train.lora import load_adapter, merge_lora
+
+        load_adapter(model.module, Path(args.adapter).expanduser())
+        merge_lora(model.module)
+    return model
+
+
+def read_image_file(path: str, flag: str = "--image"):
+    """A path the user typed -> (3, H, W) uint8, or a UsageError saying what is wrong with it."""
+    from ..processing import ImageError, load_image
+
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, not an image file")
+    if not p.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        return load_image(p)
+    except ImageError as e:
+        raise UsageError(f"{flag} {path}: {e}") from e
+
+
+def read_prompt(prompt: str) -> str:
+    """--prompt TEXT, or --prompt - for standard input."""
+    if prompt != "-":
+        return prompt
+    if sys.stdin.isatty():
+        print("(reading the prompt from standard input; end it with Ctrl-D)", file=sys.stderr)
+    text = sys.stdin.read().strip()
+    if not text:
+        raise UsageError("--prompt -: standard input was empty")
+    return text
+
+
+def positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be >= 1, got {value}")
