@@ -27,6 +27,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -48,8 +49,9 @@ def start_server(slots: int, caches: bool) -> tuple[subprocess.Popen, str]:
     flags = ["--max-slots", str(slots), "--max-queue", "4096", "--no-access-log"]
     if not caches:
         flags += ["--image-cache-mb", "0", "--prefix-cache-mb", "0"]
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server can never block on it
     proc = subprocess.Popen([sys.executable, "-m", "lfm2vl", "serve", "--port", str(port), *flags], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -57,7 +59,8 @@ def start_server(slots: int, caches: bool) -> tuple[subprocess.Popen, str]:
             return proc, base
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read()) from None
+                log.seek(0)
+                raise RuntimeError(log.read()) from None
             time.sleep(0.1)
     raise RuntimeError("the server did not start within 60 s")
 

@@ -161,7 +161,12 @@ class Model:
             )
         sampling = {k: v for k, v in options.items() if k in sampling_keys}
         image = {k: v for k, v in options.items() if k in image_keys and v is not None}
-        return self.sampling_params(options.get("preset"), **sampling), image
+        params = self.sampling_params(options.get("preset"), **sampling)
+        vocab = self.config.text.vocab_size
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {bad[:5]}")
+        return params, image
 
     def request(self, conversation: list[dict], **options: Any) -> Request:
         """One conversation + options (as `generate`) -> an engine `Request`; every input is checked here."""

@@ -2,7 +2,7 @@
 
 Definitions follow transformers' logits processors so results are comparable: repetition
 penalty over every token already in the sequence (prompt included), then temperature, top-k,
-top-p, min-p. temperature == 0 means greedy.
+top-p, min-p. temperature 0 (or below MIN_TEMPERATURE) means greedy.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 
-MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-5  # smaller temperatures sample greedily  # alternatives per token (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, logits / temperature overflows to inf (NaN probabilities): the argmax is the answer.
+        return self.temperature < MIN_TEMPERATURE
 
     def with_overrides(self, **kw: Any) -> SamplingParams:
         kw = {k: v for k, v in kw.items() if v is not None}

@@ -251,6 +251,14 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
             assert error["code"] == code, payload
     status, _, payload = _post(server, "/v1/chat/completions", b"{not json")
     assert status == 400 and payload["error"]["code"] == "invalid_json"
+    status, _, payload = _post(server, "/v1/chat/completions", b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and payload["error"]["code"] == "invalid_json"  # deep nesting is not a crash
+    status, _, payload = _post(server, "/v1/chat/completions", {"messages": hi, "stop_token_ids": [10**9]})
+    assert status == 400 and "stop_token_ids" in payload["error"]["message"]
+    status, _, payload = _post(server, "/v1/chat/completions", {"messages": hi}, {"Host": "evil.example:8000"})
+    assert status == 421 and "--allowed-host" in payload["error"]["message"]  # no DNS rebinding onto loopback
+    status, _, payload = _post(server, "/v1/chat/completions", {"messages": hi, "temperature": 1e-308, "max_tokens": 2})
+    assert status == 200  # a vanishing temperature is greedy, not NaN
     status, _, payload = _post(server, "/v1/nothing-here", {})
     assert status == 404 and "error" in payload
     status, _, payload = _post(server, "/v1/completions", {"prompt": ["a", "b"]})
@@ -278,6 +286,21 @@ def test_metrics_count_requests_tokens_and_cache_hits(server):
     assert after[key] - before.get(key, 0) == 2
     assert after["lfm2vl_queue_depth"] == 0 and after["lfm2vl_active_requests"] == 0
     assert after["lfm2vl_request_seconds_count"] >= 2
+    for path in ("/v1/made-up-1", "/v1/made-up-2"):
+        _post(server, path, {})
+    labels = _metrics(server)
+    assert not any("made-up" in k for k in labels) and labels["lfm2vl_http_requests_total{path=other,status=404}"] >= 2
+
+
+def test_logprob_tokens_are_raw_bytes(local):
+    from lfm2vl.server.protocol import token_string
+
+    tt = local.processor.text_tokenizer
+    ids = tt.encode("🦙 漢字 hello")
+    raw = [tt.token_bytes(i) for i in ids]
+    assert b"".join(raw).decode() == "🦙 漢字 hello"
+    strings = [token_string(b) for b in raw]
+    assert any(s.startswith("bytes:\\x") for s in strings) and "ll" in strings
 
 
 # -- a locked-down server: API key, one slot, a one-request queue, small limits ---------------------------

@@ -41,6 +41,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"\0" * 100)
                 self.wfile.flush()
                 time.sleep(0.1)
+        elif self.path == "/drip":  # a byte at a time: each read is quick, the whole never ends
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**6))
+            self.end_headers()
+            for _ in range(100):
+                try:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+        elif self.path == "/slow-headers":
+            time.sleep(3)
+            self.send_response(200)
+            self.end_headers()
         elif self.path == "/to-file":
             self.send_response(302)
             self.send_header("Location", "file:///etc/passwd")
@@ -98,6 +113,12 @@ def test_local_files_only_under_allowed_dirs(tmp_path):
     assert _code(str(allowed / "link.png"), s, 403)[0] == "image_path_not_allowed"
     assert _code(str(allowed / ".." / "secret.png"), s, 403)[0] == "image_path_not_allowed"
     assert _code(str(allowed / "missing.png"), s)[0] == "invalid_image_url"
+    assert _code("~root/x.png", s)[0] == "invalid_image_url"  # taken literally: no home-directory expansion
+    second = tmp_path / "more"
+    second.mkdir()
+    (second / "b.png").write_bytes(PNG)
+    both = ServerSettings(allowed_image_dirs=(allowed, second))
+    assert read_image("b.png", both, "p").shape[1] == 64  # relative paths: every allowed directory is tried
     with pytest.raises(ValueError, match="not a directory"):
         ServerSettings(allowed_image_dirs=(tmp_path / "nope",))
 
@@ -125,3 +146,35 @@ def test_remote_fetch_limits(origin):
     code, message = _code(f"{origin}/missing", s)
     assert code == "image_fetch_failed" and "404" in message
     assert _code("ftp://example.com/x.png", s)[0] == "invalid_image_url"
+    no_redirects = ServerSettings(allow_remote_images=True, allow_private_image_urls=True, image_fetch_max_redirects=0)
+    assert "more than 0 redirects" in _code(f"{origin}/hop0", no_redirects)[1]
+
+
+def test_the_fetch_time_limit_is_total(origin):
+    s = ServerSettings(allow_remote_images=True, allow_private_image_urls=True, image_fetch_timeout_s=1.0)
+    for path in ("/drip", "/slow-headers"):
+        start = time.monotonic()
+        assert _code(f"{origin}{path}", s)[0] == "image_fetch_timeout"
+        assert time.monotonic() - start < 1.6, path  # not one timeout per read
+    start = time.monotonic()
+    with pytest.raises(ApiError):  # a request's own deadline comes first
+        read_image(f"{origin}/drip", s, "p", deadline=time.monotonic() + 0.3)
+    assert time.monotonic() - start < 0.9
+
+
+def test_embedded_ipv4_and_other_non_public_addresses_are_refused():
+    import ipaddress
+
+    from lfm2vl.server.images import _public
+
+    for address in ("127.0.0.1", "10.0.0.1", "169.254.169.254", "::1", "fe80::1", "::ffff:127.0.0.1",
+                    "64:ff9b::a00:1", "2002:7f00:1::", "::127.0.0.1", "fc00::1", "224.0.0.1", "0.0.0.0"):
+        assert not _public(ipaddress.ip_address(address)), address
+    for address in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"):
+        assert _public(ipaddress.ip_address(address)), address
+
+
+def test_only_common_image_formats_are_decoded():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    code, message = _code("data:image/png;base64," + base64.b64encode(eps).decode(), ServerSettings())
+    assert code == "invalid_image" and "accepted formats" in message

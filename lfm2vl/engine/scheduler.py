@@ -122,6 +122,7 @@ class Engine:
         self.image_cache = ImageCache(self.config.image_cache_mb)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_mb)
         self._lock = threading.RLock()  # held for a whole step (the model, slots and caches)
+        self._worker_lock = threading.Lock()  # starting the worker thread
         self._qlock = threading.Lock()  # held briefly: queue and cancellations (submit never waits on a step)
         self._wake = threading.Condition(self._qlock)
         self._queue: deque[RequestHandle] = deque()
@@ -166,24 +167,27 @@ class Engine:
                 self._wake.notify_all()
 
     def stats(self) -> dict[str, Any]:
-        with self._lock, self._qlock:
-            now = time.perf_counter()
-            recent = [(t, n) for t, n in self._recent if now - t < 10]
-            tps = 0.0
-            if len(recent) > 1:
-                tps = sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
-            return {
-                "queued": len(self._queue), "active": len(self._active),
-                "prefilling": sum(a.prefilling for a in self._active.values()),
-                "decoding": sum(not a.prefilling for a in self._active.values()),
-                "slots": self.config.max_slots, "cache_len": self.cache.max_len, "tokens_per_s": round(tps, 2),
-                **self.counters, **self.image_cache.stats("image_cache"), **self.prefix_cache.stats("prefix_cache"),
-            }
+        """A snapshot that never waits for a running step (a server's /metrics must not stall its streams)."""
+        with self._qlock:
+            queued = len(self._queue)
+        # list()/dict() copies are single C calls under the GIL: consistent even while the worker steps
+        active, recent, counters = list(self._active.values()), list(self._recent), dict(self.counters)
+        now = time.perf_counter()
+        recent = [(t, n) for t, n in recent if now - t < 10]
+        tps = 0.0
+        if len(recent) > 1:
+            tps = sum(n for _, n in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-9)
+        return {
+            "queued": queued, "active": len(active), "prefilling": sum(a.prefilling for a in active),
+            "decoding": sum(not a.prefilling for a in active),
+            "slots": self.config.max_slots, "cache_len": self.cache.max_len, "tokens_per_s": round(tps, 2),
+            **counters, **self.image_cache.stats("image_cache"), **self.prefix_cache.stats("prefix_cache"),
+        }
 
     # -- running -------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Run the engine on a daemon worker thread (idempotent)."""
-        with self._lock:
+        """Run the engine on a daemon worker thread (idempotent; never waits for a running step)."""
+        with self._worker_lock:
             if self._worker is None or not self._worker.is_alive():
                 self._stopping = False
                 self._worker = threading.Thread(target=self._run, name="lfm2vl-engine", daemon=True)

@@ -47,8 +47,14 @@ class ImageTooLarge(ImageError):
     """The image has more pixels than max_image_pixels allows (refused before decoding)."""
 
 
-def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Any supported source -> RGB uint8 tensor (3, H, W), upright, checked against `max_pixels`."""
+def load_image(
+    src: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None
+) -> torch.Tensor:
+    """Any supported source -> RGB uint8 tensor (3, H, W), upright, checked against `max_pixels`.
+
+    `formats` limits which PIL decoders encoded bytes may reach (a server passes SAFE_FORMATS, so
+    untrusted bytes never reach e.g. the EPS plugin, which runs Ghostscript); None = any PIL format.
+    """
     if isinstance(src, torch.Tensor):
         return _from_array(_tensor_to_hwc(src), max_pixels)
     if isinstance(src, np.ndarray):
@@ -56,10 +62,10 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     if isinstance(src, Image.Image):
         return _from_pil(src, max_pixels)
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _from_pil(_open(bytes(src), "bytes", max_pixels), max_pixels)
+        return _from_pil(_open(bytes(src), "bytes", max_pixels, formats), max_pixels)
     if isinstance(src, os.PathLike) or isinstance(src, str):
         data, what = _read_source(src)
-        return _from_pil(_open(data, what, max_pixels), max_pixels)
+        return _from_pil(_open(data, what, max_pixels, formats), max_pixels)
     raise ImageError(
         f"unsupported image source of type {type(src).__name__}: pass a path, bytes, a base64 string or "
         "data URL, a PIL image, a numpy array (H, W[, C]) or a uint8 tensor (C, H, W)"
@@ -101,18 +107,24 @@ def _read_source(src: str | os.PathLike) -> tuple[bytes, str]:
 _MIN_BASE64 = 256
 
 
-def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
+# The formats photos and screenshots come in (PIL's JPEG opener also reads the multi-picture JPEGs, MPO,
+# of cameras and phones).
+SAFE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
+def _open(data: bytes, what: str, max_pixels: int, formats: tuple[str, ...] | None = None) -> Image.Image:
     """Open lazily, check the size against the limit, then decode (a bomb is refused before decoding)."""
     if not data:
         raise ImageError(f"the image {what} is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what}: image exceeds PIL's decompression-bomb limit ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{what} is not a recognised image format (corrupt or not an image)") from e
+        allowed = f" among the accepted formats ({', '.join(formats)})" if formats else ""
+        raise ImageError(f"{what} is not a recognised image format{allowed} (corrupt or not an image)") from e
     _check_size(image.width, image.height, max_pixels)
     try:
         image.load()

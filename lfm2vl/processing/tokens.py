@@ -12,6 +12,8 @@ pre-tokenizer and model only, bypassing the added-token table.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 from functools import lru_cache
@@ -162,3 +164,29 @@ class TextTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (a byte-level piece of a multi-byte character is not
+        valid UTF-8 on its own, which decode() would turn into U+FFFD)."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if piece in self.added_tokens:
+            return piece.encode("utf-8")
+        byte_values = _byte_decoder()
+        if all(c in byte_values for c in piece):  # byte-level BPE (GPT-2's byte <-> character table)
+            return bytes(byte_values[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's table: printable stand-in character -> byte (byte-level BPE vocabularies use it)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}

@@ -45,8 +45,7 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> FastAPI:
         raise ValueError(f"{model.source} has no tokenizer.json / chat template: it cannot be served")
     engine, name = model.engine, settings.served_model_name
     metrics = Metrics(engine)
-    token_text = functools.lru_cache(maxsize=1 << 16)(
-        lambda t: model.processor.decode([t], skip_special_tokens=False))
+    token_bytes = functools.lru_cache(maxsize=1 << 16)(model.processor.text_tokenizer.token_bytes)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -69,8 +68,9 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+        log.error("unexpected error", exc_info=e)
+        return JSONResponse(error_body("internal server error (the server log has the details)", "server_error"),
+                            status_code=500)
 
     @app.get("/health")
     async def health() -> dict:
@@ -78,7 +78,7 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
 
     def model_card() -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "lfm2vl",
@@ -132,17 +132,18 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> FastAPI:
         include_usage = _include_usage(body)
 
         def make() -> EngineRequest:
-            loaded = [read_image(url, settings, param) for url, param in images]
+            deadline = time.monotonic() + settings.image_fetch_timeout_s  # for all of this request's remote images
+            loaded = [read_image(url, settings, param, deadline) for url, param in images]
             return model.request(protocol.fill_images(messages, loaded.__getitem__), **opts, logprobs=logprobs)
 
         handle = await submit(await build(make), opts, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
-        def choice(text: str, events: list[StreamEvent], reason: str | None, final: bool) -> dict:
+        def choice(text: str, events: list[tuple[StreamEvent, int]], reason: str | None, final: bool) -> dict:
             lp = None
             if logprobs is not None:
-                lp = {"content": [protocol.chat_logprob_entry(e.token, e.logprob, e.top_logprobs, token_text)
-                                  for e in events]}
+                lp = {"content": [protocol.chat_logprob_entry(e.token, e.logprob, e.top_logprobs, token_bytes)
+                                  for e, _ in events]}
             if final:
                 return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                         "finish_reason": reason}
@@ -164,15 +165,11 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> FastAPI:
         include_usage = _include_usage(body)
         handle = await submit(await build(lambda: model.text_request(prompt, **opts, logprobs=logprobs)), opts,
                               "prompt")
-        offset = 0
-
-        def choice(text: str, events: list[StreamEvent], reason: str | None, final: bool) -> dict:
-            nonlocal offset
+        def choice(text: str, events: list[tuple[StreamEvent, int]], reason: str | None, final: bool) -> dict:
             lp = None
             if logprobs is not None:
-                entries = [(e.token, e.logprob, e.top_logprobs) for e in events]
-                lp = protocol.completion_logprobs_block(entries, token_text, 0 if final else offset)
-                offset += sum(len(t) for t in lp["tokens"])
+                entries = [(e.token, e.logprob, e.top_logprobs, offset) for e, offset in events]
+                lp = protocol.completion_logprobs_block(entries, token_bytes)
             return {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
 
         return await _respond(request, handle, f"cmpl-{uuid.uuid4().hex}", "text_completion", name, choice,
@@ -208,7 +205,7 @@ async def _read_json(request: Request, settings: ServerSettings) -> dict:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge integers, deep nesting
         raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from e
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -217,7 +214,7 @@ async def _read_json(request: Request, settings: ServerSettings) -> dict:
     return body
 
 
-Choice = Callable[[str, list[StreamEvent], "str | None", bool], dict]
+Choice = Callable[[str, list[tuple[StreamEvent, int]], "str | None", bool], dict]
 
 
 async def _respond(request: Request, handle: RequestHandle, rid: str, kind: str, name: str, choice: Choice,
@@ -242,12 +239,13 @@ async def _respond(request: Request, handle: RequestHandle, rid: str, kind: str,
         try:
             text, events, last = "", [], None
             async for event in handle.events_async():
-                text += event.text
                 if event.token is not None and event.logprob is not None:
-                    events.append(event)
+                    events.append((event, len(text)))  # a token's text starts where the text so far ends
+                text += event.text
                 last = event
         finally:
             watcher.cancel()
+            handle.cancel()  # a no-op once finished; frees the slot if this handler was cancelled
         if last.finish_reason == "error":
             raise ApiError(500, f"generation failed: {last.error}", None, "generation_failed")
         if last.finish_reason == "cancelled":
@@ -258,6 +256,7 @@ async def _respond(request: Request, handle: RequestHandle, rid: str, kind: str,
     suffix = ".chunk" if kind == "chat.completion" else ""
 
     async def events() -> AsyncIterator[str]:
+        emitted = 0  # characters of text sent so far (where the next token's text starts)
         try:
             if first_delta is not None:
                 yield _sse(envelope([{"index": 0, "delta": first_delta, "logprobs": None, "finish_reason": None}],
@@ -269,8 +268,9 @@ async def _respond(request: Request, handle: RequestHandle, rid: str, kind: str,
                     break
                 if event.finish_reason == "cancelled":
                     break
-                with_lp = [event] if event.token is not None and event.logprob is not None else []
+                with_lp = [(event, emitted)] if event.token is not None and event.logprob is not None else []
                 reason = protocol.finish_reason(event.finish_reason) if event.finish_reason else None
+                emitted += len(event.text)
                 if event.text or with_lp or reason:
                     yield _sse(envelope([choice(event.text, with_lp, reason, False)], suffix=suffix))
                 if reason is not None:

@@ -23,6 +23,9 @@ def add_parser(make: Any, add_model_args: Any, check_model_args: Any, load_model
     v.add_argument("--served-model-name", default="lfm2vl", help="the model id clients send (default: %(default)s)")
     v.add_argument("--api-key", default=os.environ.get("LFM2VL_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LFM2VL_API_KEY, else none)")
+    v.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="on a loopback --host, also answer requests for this Host name, e.g. behind a reverse proxy "
+                   "(repeatable; default: loopback names only, against DNS rebinding)")
     i = v.add_argument_group("image sources and limits")
     i.add_argument("--allowed-image-dir", action="append", default=[], metavar="DIR",
                    help="allow local paths and file:// URLs under DIR (repeatable; default: none)")
@@ -65,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_private_image_urls=args.allow_private_image_urls, max_image_mb=args.max_image_mb,
         image_fetch_timeout_s=args.image_fetch_timeout, max_images=args.max_images,
         max_image_pixels=args.max_image_pixels, max_body_mb=args.max_body_mb,
+        allowed_hosts=tuple(args.allowed_host) if _loopback(args.host) else None,
     )
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")

@@ -63,7 +63,7 @@ def _max_tokens(body: dict) -> int | None:
 
 def sampling_options(body: dict) -> dict[str, Any]:
     """Sampling and image-budget options (keywords of Model.request) from the fields the client set."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported (send several requests instead)", "n")
     opts: dict[str, Any] = {}
     max_tokens = _max_tokens(body)
@@ -81,8 +81,8 @@ def sampling_options(body: dict) -> dict[str, Any]:
             if not _is_int(value):
                 raise ApiError(400, f"{key} must be an integer, got {value!r}", key)
             opts[name] = value
-    if opts.get("seed") is not None and not 0 <= opts["seed"] < 2**63:
-        raise ApiError(400, f"seed must be in [0, 2**63), got {opts['seed']}", "seed")
+    if opts.get("seed") is not None and not -(2**63) <= opts["seed"] < 2**64:
+        raise ApiError(400, f"seed must be a 64-bit integer, got {opts['seed']}", "seed")
     for key, name in {**BOOL_FIELDS, **{k: k for k in IMAGE_BOOL_FIELDS}}.items():
         value = body.get(key)
         if value is not None:
@@ -214,22 +214,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def token_string(raw: bytes) -> str:
+    """A token's text; a piece of a multi-byte character as 'bytes:\\xNN...' (vLLM's convention)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def chat_logprob_entry(token: int, logprob: float, top: tuple[tuple[int, float], ...],
-                       text: Callable[[int], str]) -> dict:
+                       token_bytes: Callable[[int], bytes]) -> dict:
     def one(t: int, lp: float) -> dict:
-        s = text(t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        raw = token_bytes(t)
+        return {"token": token_string(raw), "logprob": lp, "bytes": list(raw)}
 
     return {**one(token, logprob), "top_logprobs": [one(t, lp) for t, lp in top]}
 
 
-def completion_logprobs_block(entries: list[tuple[int, float, tuple]], text: Callable[[int], str],
-                              offset: int) -> dict:
-    """The legacy completions `logprobs` object for a run of tokens starting at text offset `offset`."""
-    tokens, offsets = [], []
-    for token, _, _ in entries:
-        offsets.append(offset)
-        tokens.append(text(token))
-        offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{text(t): lp for t, lp in top} for _, _, top in entries], "text_offset": offsets}
+def completion_logprobs_block(entries: list[tuple[int, float, tuple, int]],
+                              token_bytes: Callable[[int], bytes]) -> dict:
+    """The legacy completions `logprobs` object; entries are (token, logprob, top, offset of its text)."""
+    def text(t: int) -> str:
+        return token_string(token_bytes(t))
+
+    return {"tokens": [text(t) for t, _, _, _ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": [{text(t): lp for t, lp in top} for _, _, top, _ in entries],
+            "text_offset": [offset for _, _, _, offset in entries]}

@@ -25,6 +25,9 @@ class ServerSettings:
     max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked before decoding
     max_body_mb: float = 64.0  # request body (413 beyond)
     retry_after_s: int = 1  # sent with 503 when the queue is full
+    # Listening on loopback: answer only requests whose Host is a loopback name or one of these (a web
+    # page cannot reach the API through DNS rebinding). Off (None) when listening on other addresses.
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         checks = [
