@@ -448,6 +448,7 @@ class Engine:
             if a.stream is not None:
                 piece += a.stream.finish("length")
         if reason is not None:
+            self._active.pop(a.slot, None)  # not active once its last event is out (stats() does not wait)
             a.handle._put(self._event(a, piece, token, reason))
             self._release(a)
             return
@@ -470,6 +471,7 @@ class Engine:
 
     def _finish(self, a: _Active, reason: str, error: str | None = None, save: bool = True) -> None:
         tail = a.stream.finish(reason) if a.stream is not None and reason in ("stop", "length") else ""
+        self._active.pop(a.slot, None)  # not active once its last event is out (stats() does not wait)
         a.handle._put(self._event(a, tail, None, reason, error))
         self._release(a, save=save and reason != "error")
 

@@ -72,6 +72,8 @@ class Observe:
         refusal = self._refuse(scope)
         try:
             if refusal is not None:
+                if refusal[0] == 413:
+                    await _discard_body(receive, 8 * self.settings.max_body_bytes)
                 await _send_json(send_observed, *refusal)
             else:
                 await self.app(scope, receive, send_observed)
@@ -105,6 +107,19 @@ class Observe:
 def body_too_large(settings: ServerSettings) -> dict:
     return error_body(f"the request body is over the server's limit of {settings.max_body_mb:g} MB "
                       "(server flag --max-body-mb)", "invalid_request_error", None, "request_too_large")
+
+
+async def _discard_body(receive: Any, cap: int) -> None:
+    """Read (and drop) a refused body up to `cap` bytes, so the client can finish sending and read the
+    413 rather than see its connection reset mid-upload."""
+    seen = 0
+    while seen <= cap:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send_json(send: Any, status: int, body: dict, headers: dict[str, str]) -> None:
