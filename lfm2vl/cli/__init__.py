@@ -1,5 +1,6 @@
 """`lfm2vl` command line: generate (one question), chat (an interactive session), eval (a task score),
-serve (the HTTP server; lfm2vl/server/command.py), train (fine-tuning; lfm2vl/train/command.py).
+serve (the HTTP server; lfm2vl/server/command.py), train (fine-tuning; lfm2vl/train/command.py),
+bench (speed and memory; lfm2vl/bench/command.py).
 
 Every user error, in every subcommand, is one line on stderr starting with `error:`, exit status 2,
 checked before any weights are read when the problem is in the arguments. A traceback appears only
@@ -31,6 +32,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..bench.command import add_parser as add_bench_parser
     from ..server.command import add_parser as add_serve_parser
     from ..train.command import add_parser as add_train_parser
     from .chat import cmd_chat
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparser)
     add_serve_parser(subparser, add_model_args, check_model_args, load_model)
     add_train_parser(subparser)
+    add_bench_parser(subparser, add_model_args, check_model_args)
     return parser
 
 

@@ -23,6 +23,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     g.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: as stored, but float32 on the CPU)")
+    g.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights for every linear layer: less memory, faster decoding (docs/performance.md)")
     g.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (adapter_config.json, from lfm2vl train --lora) applied at load")
 
@@ -113,12 +115,17 @@ def load_model(args: argparse.Namespace):
     """lfm2vl.load, then the LoRA adapter if asked (merged into the weights: no inference cost)."""
     import lfm2vl
 
-    model = lfm2vl.load(args.model, device=args.device, dtype=args.dtype)
-    if args.adapter is not None:
-        from ..train.lora import load_adapter, merge_lora
+    if args.adapter is None:
+        return lfm2vl.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    from ..train.lora import load_adapter, merge_lora
 
-        load_adapter(model.module, Path(args.adapter).expanduser())
-        merge_lora(model.module)
+    model = lfm2vl.load(args.model, device=args.device, dtype=args.dtype)
+    load_adapter(model.module, Path(args.adapter).expanduser())
+    merge_lora(model.module)
+    if args.quantize is not None:  # after merging: the adapter is folded into the weights first
+        from ..quant import quantize_model
+
+        quantize_model(model.module, args.quantize)
     return model
 
 

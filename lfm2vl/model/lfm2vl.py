@@ -87,6 +87,8 @@ class Lfm2Vl(nn.Module):
         return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.lm_head(hidden)  # a quantized head (lfm2vl/quant.py)
         weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return hidden @ weight.T  # (..., V)
 

@@ -1,0 +1,157 @@
+"""`lfm2vl bench`: flags -> one measured process per side -> a table, ratios, one JSON line (docs/performance.md)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .workload import IMAGE_SIDE, INSTALL_REFERENCE, NEW_TOKENS, PRESETS, PROMPT
+
+ROWS = (("preprocess_s", "preprocessing", "s"), ("vision_s", "vision", "s"), ("prefill_s", "LM prefill", "s"),
+        ("ttft_s", "time to first token", "s"), ("decode_tok_s", "decode", "tok/s"), ("total_s", "total", "s"),
+        ("peak_rss_mb", "peak RSS", "MB"), ("image_tokens", "image tokens", ""), ("crops", "crops", ""))
+SWEEP_SIDES = (256, 512, 1024, 2048)
+SWEEP_TOKENS = (64, 128, 256)
+
+
+def add_parser(make: Any, add_model_args: Any, check_model_args: Any) -> None:
+    b = make("bench", help="speed and memory on the announcement's workload (optionally against transformers)",
+             description=f"Time one image ({IMAGE_SIDE}x{IMAGE_SIDE} unless --image), \"{PROMPT}\", exactly "
+             f"{NEW_TOKENS} new tokens, batch 1, default image settings; each side runs in its own process. The "
+             "last stdout line is one JSON object.")
+    add_model_args(b)
+    b.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the full-size architecture with random weights, built once and cached (speed does not "
+                   "depend on weight values) (default: 450M when --model is not given)")
+    b.add_argument("--image", default=None, help=f"image file (default: a random {IMAGE_SIDE}x{IMAGE_SIDE} image)")
+    b.add_argument("--prompt", default=PROMPT, help="(default: %(default)s)")
+    b.add_argument("--max-new-tokens", type=int, default=NEW_TOKENS, help="exactly this many (default: %(default)s)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's, = cores)")
+    b.add_argument("--runs", type=int, default=3, help="measured runs; the median is reported (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default: %(default)s)")
+    b.add_argument("--compare", choices=("transformers",), default=None,
+                   help="also run the reference on the same weights and inputs, and print the ratios")
+    b.add_argument("--plot", default=None, metavar="PNG", help="draw time and memory bars (the announcement's "
+                   "figures 3 and 4) into this file")
+    b.add_argument("--sweep", action="store_true", help="also run the speed/quality knob: image side "
+                   f"{list(SWEEP_SIDES)} x max image tokens {list(SWEEP_TOKENS)}")
+    b.set_defaults(func=cmd_bench, _check_model_args=check_model_args)
+
+
+def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "lfm2vl.bench.side", json.dumps(spec)], stdout=subprocess.PIPE,
+                          text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"the {spec['system']} benchmark process ended without a result (exit {proc.returncode})")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise ValueError(f"{spec['system']}: {result['error']}")
+    return result
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .workload import machine, preset_checkpoint, workload_image
+
+    for name in ("max_new_tokens", "runs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--warmup must be >= 0 and --threads >= 1")
+    if args.model is not None and args.preset is not None:
+        raise ValueError("give --model or --preset, not both")
+    if args.adapter is not None:
+        raise ValueError("bench measures a checkpoint as saved: merge the adapter first (lfm2vl train writes model/)")
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"--image {args.image}: no such file")
+    if args.compare == "transformers" and importlib.util.find_spec("transformers") is None:
+        raise ValueError(INSTALL_REFERENCE)
+    args._check_model_args(args)
+    import torch
+
+    info = machine()
+    print(f"machine: {info.get('cpu')}; {info.get('cpu_flags', '')}; {info['cores']} cores; torch {info['torch']}"
+          + (f"; GPU {info['gpu']}" if "gpu" in info else ""), file=sys.stderr)
+    model = args.model or str(preset_checkpoint(args.preset or "450M"))
+    with tempfile.TemporaryDirectory() as tmp:
+        image = workload_image(args.image, Path(tmp))
+        spec = {"model": model, "image": str(image), "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+                "device": args.device, "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(),
+                "quantize": args.quantize,
+                "runs": args.runs, "warmup": args.warmup}
+        results = [_run_side({**spec, "system": "lfm2vl"})]
+        if args.compare:
+            results.append(_run_side({**spec, "system": "transformers"}))
+        sweep = _sweep(spec, Path(tmp)) if args.sweep else None
+    _print_table(results, args)
+    summary = _summary(results, info, args, model)
+    if sweep is not None:
+        summary["sweep"] = sweep
+    if args.plot:
+        from .plot import plot_bars
+
+        plot_bars(results, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def _sweep(spec: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
+    """Image side x max image tokens, one process, one measured run per setting (after a warm-up)."""
+    from .workload import workload_image
+
+    settings = [{"image": str(workload_image(None, tmp, side)), "image_side": side, "max_image_tokens": tokens,
+                 "min_image_tokens": min(64, tokens)} for side in SWEEP_SIDES for tokens in SWEEP_TOKENS]
+    rows = _run_side({**spec, "system": "lfm2vl", "sweep": settings, "runs": 1, "warmup": 1})["sweep"]
+    for r in rows:
+        print(f"  sweep {r['image_side']}x{r['image_side']}, max_image_tokens {r['max_image_tokens']}: "
+              f"{r['image_tokens']} image tokens in {r['crops']} crops, TTFT {r['ttft_s']:.3f} s, "
+              f"total {r['total_s']:.3f} s", file=sys.stderr)
+    return rows
+
+
+def _print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    names = [_name(r) for r in results]
+    print(f"{args.max_new_tokens} new tokens, {results[0]['threads']} threads, median of {args.runs} run(s)")
+    print(f"{'':<22}" + "".join(f"{n:>22}" for n in names) + ("".join(["  ratio"]) if len(results) > 1 else ""))
+    for key, label, unit in ROWS:
+        values = [r.get(key) for r in results]
+        cells = "".join(f"{_fmt(v, unit):>22}" for v in values)
+        ratio = ""
+        if len(results) == 2 and all(isinstance(v, (int, float)) and v for v in values) and unit:
+            ratio = f"  {values[0] / values[1]:.2f}x" if unit == "tok/s" else f"  {values[1] / values[0]:.2f}x"
+        print(f"{label:<22}{cells}{ratio}")
+
+
+def _name(r: dict[str, Any]) -> str:
+    return f"{r['system']} {r['dtype']}" + (f" {r['quantize']}" if r.get("quantize") else "")
+
+
+def _fmt(value: Any, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value:.3f} s"
+    if unit:
+        return f"{value:.1f} {unit}"
+    return str(value)
+
+
+def _summary(results: list[dict[str, Any]], info: dict, args: argparse.Namespace, model: str) -> dict[str, Any]:
+    ours = results[0]
+    out = {"model": model, "preset": args.preset or (None if args.model else "450M"), "machine": info,
+           **{k: ours.get(k) for k in ("total_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "preprocess_s",
+                                       "vision_s", "prefill_s", "image_tokens", "crops", "dtype", "quantize", "threads")}}
+    if len(results) == 2:
+        ref = results[1]
+        out.update(ref_total_s=ref["total_s"], ref_ttft_s=ref["ttft_s"], ref_decode_tok_s=ref["decode_tok_s"],
+                   ref_peak_rss_mb=ref["peak_rss_mb"], ref_dtype=ref["dtype"], transformers=ref.get("transformers"),
+                   speedup=round(ref["total_s"] / ours["total_s"], 3),
+                   rss_ratio=round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 3))
+    return out

@@ -1,0 +1,78 @@
+"""Our side of the benchmark, in its own process: the engine path every user call takes, timed in parts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .workload import conversation, median_run, peak_rss_mb
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import lfm2vl
+
+    t = time.perf_counter()
+    model = lfm2vl.load(spec["model"], device=spec["device"], dtype=spec.get("dtype"), quantize=spec.get("quantize"))
+    load_s = time.perf_counter() - t
+    # One request at a time, nothing cached between runs: every run does the whole work.
+    model.configure_engine(max_slots=1, image_cache_mb=0, prefix_cache_mb=0)
+    timers = {"vision": 0.0, "pixels": 0.0}
+
+    def timed(name: str, fn):
+        def wrapper(*args, **kwargs):
+            _sync(model.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(model.device)
+            timers[name] += time.perf_counter() - start
+            return out
+
+        return wrapper
+
+    model.module.encode_images = timed("vision", model.module.encode_images)
+    n = spec["max_new_tokens"]
+
+    def measure(image: str, settings: dict[str, Any], warmup: int, count: int) -> list[dict[str, Any]]:
+        conv = conversation(image, spec["prompt"])
+        opts = dict(max_new_tokens=n, min_new_tokens=n, ignore_eos=True, **settings)
+        return [r for i in range(warmup + count) if (r := one(conv, opts)) and i >= warmup]
+
+    def one(conv: list[dict], opts: dict[str, Any]) -> dict[str, Any]:
+        timers.update(vision=0.0, pixels=0.0)
+        start = time.perf_counter()
+        request = model.request(conv, **opts)  # reads and decodes the image file, renders and tokenizes
+        prepared = time.perf_counter()
+        for image in request.images:
+            image.pixels = timed("pixels", image.pixels)  # resize, tiles and patches (the engine calls it)
+        done = model.engine.submit(request).result()
+        total = time.perf_counter() - start
+        ttft = (prepared - start) + done.ttft_s
+        preprocess = (prepared - start) + timers["pixels"]
+        return {
+            "preprocess_s": preprocess, "vision_s": timers["vision"], "prefill_s": ttft - preprocess - timers["vision"],
+            "ttft_s": ttft, "decode_tok_s": done.generation_tps, "total_s": total,
+            "new_tokens": done.completion_tokens, "prompt_tokens": done.prompt_tokens,
+            "image_tokens": sum(img.tokens for img in request.images),
+            "crops": sum(len(img.plan.crops) for img in request.images),
+        }
+
+    if "sweep" in spec:
+        rows = []
+        for i, s in enumerate(spec["sweep"]):
+            settings = {k: s[k] for k in ("max_image_tokens", "min_image_tokens")}
+            r = measure(s["image"], settings, spec["warmup"] if i == 0 else 0, 1)[0]
+            rows.append({"image_side": s["image_side"], **settings, **{k: r[k] for k in (
+                "image_tokens", "crops", "ttft_s", "total_s")}})
+        return {"sweep": rows, "peak_rss_mb": peak_rss_mb()}
+    runs = measure(str(spec["image"]), spec.get("image_settings", {}), spec["warmup"], spec["runs"])
+    best = median_run(runs)
+    return {**best, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
+            "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+            "quantize": spec.get("quantize")}
