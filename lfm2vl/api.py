@@ -281,10 +281,9 @@ def load(
     device = check_device(device)
     dtype = parse_dtype(dtype)
     if quantize is not None:
-        from .quant import QUANTIZE, compute_dtype
+        from .quant import check_scheme, compute_dtype
 
-        if quantize not in QUANTIZE:
-            raise ValueError(f"quantize={quantize!r} is not supported; use one of {list(QUANTIZE)}")
+        check_scheme(quantize)
         dtype = dtype or compute_dtype(device)
     folder = resolve(path_or_hub_id, revision=revision)
     cfg = read_config(folder)
@@ -292,11 +291,7 @@ def load(
         dtype = stored_dtype(folder)
         if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
             dtype = torch.float32
-    module = load_weights(folder, cfg, device, dtype)
-    if quantize is not None:
-        from .quant import quantize_model
-
-        quantize_model(module, quantize)
+    module = load_weights(folder, cfg, device, dtype, quantize)
     processor = None
     if (folder / "tokenizer.json").exists():
         from .processing.processor import Processor

@@ -32,21 +32,43 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> (int8 (out, in), fp32 scale (out,)), a block of rows at a time (small transients)."""
+    rows = weight.shape[0]
+    qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    for i in range(0, rows, chunk_rows):
+        block = weight[i : i + chunk_rows].float()
+        s = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        scale[i : i + chunk_rows] = s
+        qweight[i : i + chunk_rows] = torch.round(block / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return qweight, scale
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 (out, in) and a per-output-channel scale: W ~= qweight * scale[:, None]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int8Linear:
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype, weight.device)
+        qweight, scale = quantize_weight(weight.detach())
+        layer.qweight.copy_(qweight)
+        layer.scale.copy_(scale)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
-        return cls(linear.weight, linear.bias, dtype)
+        return cls.from_weight(linear.weight, linear.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -63,21 +85,50 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_model(module: nn.Module, scheme: str = "int8") -> nn.Module:
-    """Replace every nn.Linear (and give the model an int8 output head) in place; returns the module.
+def linear_names(module: nn.Module) -> list[str]:
+    """The nn.Linear layers quantization replaces (every one but KEEP)."""
+    return [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP]
 
-    The non-quantized parameters are cast to the compute dtype. The tied embedding stays for lookups;
-    the head gets its own int8 copy of it (a quarter of its fp32 size).
-    """
+
+def replace_linears(module: nn.Module, dtype: torch.dtype, names: list[str] | None = None) -> None:
+    """Swap the named nn.Linear layers for empty Int8Linear shells on the same device (loading fills them)."""
+    for name in linear_names(module) if names is None else names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        old = getattr(parent, leaf)
+        setattr(parent, leaf, Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype,
+                                         old.weight.device))
+
+
+def check_scheme(scheme: str) -> None:
     if scheme not in QUANTIZE:
         raise ValueError(f"quantize={scheme!r} is not supported; use one of {list(QUANTIZE)}")
+
+
+def add_int8_head(module: nn.Module, dtype: torch.dtype,
+                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """A tied model reads its head from the embedding: give it its own int8 copy (a quarter of fp32),
+    from `quantized` (qweight, scale) if the loader made it from the stored weights."""
+    if getattr(module, "lm_head", "absent") is not None:
+        return
+    embedding = module.language_model.embed_tokens.weight
+    if quantized is None:
+        quantized = quantize_weight(embedding.detach())
+    head = Int8Linear(embedding.shape[1], embedding.shape[0], False, dtype, embedding.device)
+    head.qweight.copy_(quantized[0])
+    head.scale.copy_(quantized[1])
+    module.lm_head = head
+
+
+def quantize_model(module: nn.Module, scheme: str = "int8") -> nn.Module:
+    """Quantize a loaded model in place (lfm2vl.load(quantize=...) does it while reading instead, which
+    never holds the float weights of the linear layers); returns the module."""
+    check_scheme(scheme)
     device = next(module.parameters()).device
     dtype = compute_dtype(device)
-    module.to(dtype)
-    for name, child in list(module.named_modules()):
-        for leaf, layer in list(child.named_children()):
-            if isinstance(layer, nn.Linear) and leaf not in KEEP:
-                setattr(child, leaf, Int8Linear.from_linear(layer, dtype))
-    if getattr(module, "lm_head", "absent") is None:  # tied: the head reads the embedding
-        module.lm_head = Int8Linear(module.language_model.embed_tokens.weight, None, dtype)
-    return module
+    for name in linear_names(module):  # from the weights' own precision, before any cast
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf), dtype))
+    add_int8_head(module, dtype)
+    return module.to(dtype)  # the rest (int8 buffers stay int8)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2Vl
+from .quant import add_int8_head, linear_names, quantize_weight, replace_linears
 
 # Stored prefix -> our module prefix; the first match wins, so longer prefixes come first.
 PREFIXES = (
@@ -136,12 +137,20 @@ def stored_dtype(folder: Path) -> torch.dtype:
     return torch.float32
 
 
-def load_weights(folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.device, dtype: torch.dtype) -> Lfm2Vl:
-    """Build `Lfm2Vl` on the meta device and fill it strictly from the folder's safetensors."""
+def load_weights(
+    folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.device, dtype: torch.dtype, quantize: str | None = None
+) -> Lfm2Vl:
+    """Build `Lfm2Vl` on the meta device and fill it strictly from the folder's safetensors.
+
+    With quantize="int8" each linear layer's weight is quantized as it is read (lfm2vl/quant.py), so
+    its float copy never exists beside the int8 one; everything else is cast to `dtype`.
+    """
     folder = Path(folder)
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    quantized = set(linear_names(model)) if quantize is not None else set()
+    head = None  # a tied model's int8 head, quantized from the stored (not the cast) embedding
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched, where = [], [], {}
     for path in shard_files(folder):
@@ -162,7 +171,16 @@ def load_weights(folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.devi
         if unexpected or mismatched:
             continue  # keep collecting problems, skip the reading
         for key, t in iter_tensors(path, wanted):
-            state[map_key(key)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            name = map_key(key)
+            layer = name.removesuffix(".weight")
+            if layer in quantized and name.endswith(".weight"):
+                qweight, scale = quantize_weight(t)
+                state[f"{layer}.qweight"], state[f"{layer}.scale"] = qweight.to(device), scale.to(device, dtype)
+            else:
+                if quantize is not None and name == "language_model.embed_tokens.weight" and cfg.tie_word_embeddings:
+                    head = quantize_weight(t)
+                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            del t
     missing = sorted(set(expected) - set(where))
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {folder} does not match the LFM2-VL model its config.json describes:"]
@@ -170,7 +188,11 @@ def load_weights(folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.devi
             if items:
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+    if quantize is not None:
+        replace_linears(model, dtype, sorted(quantized))
     model.load_state_dict(state, strict=True, assign=True)
+    if quantize is not None:
+        add_int8_head(model, dtype, None if head is None else (head[0].to(device), head[1].to(device)))
     return model.eval()
 
 

@@ -15,7 +15,7 @@ ALLOWED = {
     "bundled": set(),
     "processing": {"config"},
     "model": {"config"},
-    "weights": {"config", "model"},
+    "weights": {"config", "model", "quant"},
     "engine": {"model", "sampling", "textstream"},
     "completion": {"engine", "sampling"},
     "quant": set(),

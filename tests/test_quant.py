@@ -48,3 +48,13 @@ def test_quantized_bundled_model_agrees_with_fp32():
         int8.save_pretrained(ROOT / "never-written")
     with pytest.raises(ValueError, match="quantize='int3'"):
         lfm2vl.load(quantize="int3")
+
+
+def test_quantizing_while_loading_equals_quantizing_after():
+    from lfm2vl.quant import quantize_model
+
+    during = lfm2vl.load(quantize="int8").module.state_dict()
+    after = quantize_model(lfm2vl.load().module).state_dict()  # from the same fp32 weights
+    assert during.keys() == after.keys() and any(k.endswith(".qweight") for k in during)
+    for k in during:
+        assert during[k].dtype == after[k].dtype and torch.equal(during[k], after[k]), k

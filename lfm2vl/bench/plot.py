@@ -7,7 +7,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-COLORS = ((46, 110, 200), (220, 120, 40), (90, 160, 90), (150, 90, 170))
+COLORS = ((46, 110, 200), (220, 120, 40), (90, 160, 90), (150, 90, 170), (200, 60, 70), (120, 120, 120))
 
 
 def plot_bars(results: list[dict[str, Any]], path: str | Path, size: tuple[int, int] = (960, 420)) -> None:

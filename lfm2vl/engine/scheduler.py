@@ -3,8 +3,9 @@
 Requests wait in a queue. Each `step()`:
 1. drops cancelled requests and admits queued ones into free slots (a prefix-cache hit copies the
    stored state in, so only the new tokens are prefilled);
-2. does one unit of prefill work for the oldest admitted request: encode one image crop (unless the
-   image cache has the image), or prefill one chunk of at most `token_budget - decoding rows` tokens;
+2. does one unit of prefill work for the oldest admitted request: encode one image crop (all of the
+   image's remaining crops when nothing is decoding; none if the image cache has the image), or
+   prefill one chunk of at most `token_budget - decoding rows` tokens;
    the chunk that ends the prompt samples the first token;
 3. decodes one token for every slot past its prefill, as one batch.
 So a long image prompt is admitted in pieces while running streams keep receiving a token per step.
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,39 +36,10 @@ import torch
 from ..sampling import next_tokens, token_logprobs
 from ..textstream import TextStream
 from .caches import ImageCache, PrefixCache
+from .config import EngineConfig
 from .request import FINISH_REASONS, ContextOverflow, QueueFull, Request, RequestHandle, StreamEvent, peak_memory_mb
 
 log = logging.getLogger("lfm2vl.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_slots: int = 8  # requests decoding at once
-    max_len: int | None = None  # positions per slot (prompt + generated); None = the model's context
-    initial_len: int = 512  # the cache starts this long per slot and doubles when a request needs more
-    token_budget: int = 512  # tokens per step: the decode rows plus one prefill chunk
-    min_chunk: int = 32  # a prefill chunk is never smaller, however many rows decode
-    image_cache_mb: float = 256.0
-    prefix_cache_mb: float = 512.0
-    max_queue: int | None = None  # submissions beyond this raise QueueFull (None = unbounded)
-
-    def __post_init__(self) -> None:
-        for name in ("max_slots", "initial_len", "token_budget", "min_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1")
-        if self.max_len is not None and self.max_len < 2:
-            raise ValueError("EngineConfig.max_len must be >= 2")
-        if self.image_cache_mb < 0 or self.prefix_cache_mb < 0:
-            raise ValueError("cache sizes must be >= 0 MB (0 = off)")
-
-    @classmethod
-    def for_device(cls, device: torch.device | str, **overrides: Any) -> EngineConfig:
-        """Defaults per device: a CPU batches a few rows; a GPU many, with larger steps and caches."""
-        if torch.device(device).type == "cuda":
-            base = cls(max_slots=32, initial_len=2048, token_budget=2048, image_cache_mb=1024, prefix_cache_mb=4096)
-        else:
-            base = cls()
-        return replace(base, **overrides)
 
 
 @dataclass
@@ -340,14 +312,23 @@ class Engine:
             self._finish(a, "error", f"{type(e).__name__}: {e}")
 
     def _encode_crop(self, a: _Active) -> None:
-        j, c = a.crop_work.popleft()
+        """Encode the next crop; in half precision with no stream waiting for a decode step, every crop
+        left of that image in one call (the tower batches same-size crops). Measured on the 450M, 5 crops,
+        2-core AMX CPU: bf16 vision 1.65 -> 1.34 s batched, but fp32 3.83 -> 4.35 s (larger activations
+        fall out of cache), so fp32 stays one crop per call."""
+        j, first = a.crop_work.popleft()
+        last = first
+        half = self.model.dtype in (torch.bfloat16, torch.float16)
+        if half and not any(not x.prefilling for x in self._active.values()):
+            while a.crop_work and a.crop_work[0][0] == j:
+                last = a.crop_work.popleft()[1]
         values, shapes = a.pixels[j]
-        start = sum(h * w for h, w in shapes[:c])
-        h, w = shapes[c]
-        rows = values[start : start + h * w].to(self.cache.device)
-        a.crop_feats[j].append(self.model.encode_images(rows, [(h, w)]))  # (tokens of this crop, D)
-        self.counters["vision_crops"] += 1
-        if len(a.crop_feats[j]) == len(shapes):
+        start = sum(h * w for h, w in shapes[:first])
+        end = start + sum(h * w for h, w in shapes[first : last + 1])
+        rows = values[start:end].to(self.cache.device)
+        a.crop_feats[j].append(self.model.encode_images(rows, shapes[first : last + 1]))  # (tokens of these crops, D)
+        self.counters["vision_crops"] += last - first + 1
+        if last == len(shapes) - 1:
             feats = torch.cat(a.crop_feats.pop(j))
             del a.pixels[j]
             if feats.shape[0] != a.request.images[j].tokens:

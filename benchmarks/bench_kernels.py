@@ -1,0 +1,99 @@
+"""Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant.py chooses from.
+
+One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, with the weight in
+fp32, bf16, and int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply,
+and torch's dynamic int8 `quantize_dynamic`), in milliseconds with the weight hot in cache; then
+the rate at which decode can stream weights from memory (50 different weights, cold; int8, int4
+weight-only and bf16): the bound on decode speed, since every token reads every weight once.
+
+    python benchmarks/bench_kernels.py
+
+Prints the CPU's flags, a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_engine import cpu_flags  # noqa: E402
+
+K, N = 1024, 6656
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def hot() -> dict[int, dict[str, float]]:
+    warnings.filterwarnings("ignore")
+    from torch.ao.quantization import quantize_dynamic
+
+    linear = torch.nn.Linear(K, N, bias=False)
+    dynamic = quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
+    w = linear.weight.detach()
+    scale = w.abs().amax(1) / 127
+    w8, sb, wb = torch.round(w / scale[:, None]).to(torch.int8), scale.bfloat16(), w.bfloat16()
+    out = {}
+    with torch.inference_mode():
+        for rows in (1, 8, 64, 1024):
+            x = torch.randn(rows, K)
+            xb = x.bfloat16()
+            reps = 100 if rows < 100 else 10
+            out[rows] = {
+                "fp32": timed(lambda: F.linear(x, w), reps),
+                "bf16": timed(lambda: F.linear(xb, wb), reps),
+                "int8_gemv": timed(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb), reps),
+                "int8_widen_bf16": timed(lambda: F.linear(xb, w8.to(torch.bfloat16)) * sb, reps),
+                "int8_dynamic": timed(lambda: dynamic(x), reps),
+            }
+    return out
+
+
+def cold(layers: int = 50) -> dict[str, float]:
+    """G weights/s streaming `layers` different weights once each (nothing stays in cache)."""
+    x = torch.randn(1, K).bfloat16()
+    w8 = [torch.randint(-127, 127, (N, K), dtype=torch.int8) for _ in range(layers)]
+    s8 = [torch.rand(N).bfloat16() for _ in range(layers)]
+    wb = [torch.randn(N, K).bfloat16() for _ in range(layers // 2)]
+    group = 32  # int4 weight-only: packed by torch, one (scale, zero) pair per 32 weights
+    w4 = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (N, K), dtype=torch.int32), 1)
+          for _ in range(layers)]
+    sz = torch.rand(K // group, N, 2).bfloat16()
+    rates = {}
+    with torch.inference_mode():
+        for name, run, count in (
+            ("int8_gemv", lambda: [torch.ops.aten._weight_int8pack_mm(x, w, s) for w, s in zip(w8, s8)], layers),
+            ("int4_gemv", lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, sz) for w in w4], layers),
+            ("bf16", lambda: [F.linear(x, w) for w in wb], layers // 2),
+        ):
+            best = min(timed(run, 1) for _ in range(3)) / 1e3
+            rates[name] = count * N * K / best / 1e9
+    return rates
+
+
+def main() -> None:
+    print(f"cpu: {cpu_flags()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads")
+    h, c = hot(), cold()
+    print(f"{K} -> {N}, ms (weight hot in cache):")
+    print(f"{'rows':>6}" + "".join(f"{k:>17}" for k in h[1]))
+    for rows, r in h.items():
+        print(f"{rows:>6}" + "".join(f"{v:>17.3f}" for v in r.values()))
+    print("streaming from memory (cold): " + ", ".join(f"{k} {v:.1f} G weights/s" for k, v in c.items()))
+    print(json.dumps({"hot_ms": h, "cold_g_weights_per_s": c}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Quality of int8 weights against fp32 (a benchmark, not a test): teacher-forced next-token top-1
+agreement and KL(fp32 || int8) on a text corpus, and easy-VQA accuracy, for the bundled model (the
+one trained model this workplace has; full-size checkpoints here carry random weights, whose
+outputs mean nothing).
+
+    python benchmarks/quant_quality.py [--texts 200] [--limit N]
+
+The corpus: docstrings of the standard library (the text the bundled model saw in training), cut
+into 64-token windows. Prints a summary, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import lfm2vl
+from lfm2vl.eval.harness import evaluate
+from lfm2vl.train.bundled_recipe import stdlib_docstrings
+
+
+def teacher_forced(fp32, int8, texts: list[str], window: int = 64) -> dict[str, float]:
+    tok = fp32.processor.text_tokenizer
+    agree = total = 0
+    kl_sum = 0.0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tok.encode(text)[:window]
+            if len(ids) < 8:
+                continue
+            x = torch.tensor([ids])
+            a = fp32.module(x).float().log_softmax(-1)[0]  # (T, V)
+            b = int8.module(x).float().log_softmax(-1)[0]
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            kl_sum += float((a.exp() * (a - b)).sum(-1).sum())
+            total += len(ids)
+    return {"tokens": total, "top1_agreement": agree / total, "mean_kl": kl_sum / total}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--texts", type=int, default=200)
+    ap.add_argument("--limit", type=int, default=None, help="easy-VQA questions (default: the whole test split)")
+    args = ap.parse_args()
+    fp32, int8 = lfm2vl.load(), lfm2vl.load(quantize="int8")
+    texts = stdlib_docstrings()[: args.texts]
+    out = {"model": "bundled", "int8_dtype": str(int8.dtype).removeprefix("torch."),
+           "text": teacher_forced(fp32, int8, texts)}
+    for name, model in (("fp32", fp32), ("int8", int8)):
+        s = evaluate(model, "easyvqa", limit=args.limit, progress=False)
+        out[f"easyvqa_{name}"] = round(100 * s["score"], 2)
+        out["easyvqa_n"] = s["n"]
+    out["easyvqa_delta_points"] = round(out["easyvqa_int8"] - out["easyvqa_fp32"], 2)
+    t = out["text"]
+    print(f"teacher-forced on {t['tokens']} tokens: top-1 agreement {100 * t['top1_agreement']:.2f}%, "
+          f"mean KL {t['mean_kl']:.5f} nats; easy-VQA ({out['easyvqa_n']} questions): fp32 {out['easyvqa_fp32']}%, "
+          f"int8 {out['easyvqa_int8']}% ({out['easyvqa_delta_points']:+.2f} points)")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

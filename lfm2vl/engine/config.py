@@ -1,0 +1,38 @@
+"""How an engine is sized: slots, per-step token budget, cache memory, queue bound (docs/engine.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int = 8  # requests decoding at once
+    max_len: int | None = None  # positions per slot (prompt + generated); None = the model's context
+    initial_len: int = 512  # the cache starts this long per slot and doubles when a request needs more
+    token_budget: int = 512  # tokens per step: the decode rows plus one prefill chunk
+    min_chunk: int = 32  # a prefill chunk is never smaller, however many rows decode
+    image_cache_mb: float = 256.0
+    prefix_cache_mb: float = 512.0
+    max_queue: int | None = None  # submissions beyond this raise QueueFull (None = unbounded)
+
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "initial_len", "token_budget", "min_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError("EngineConfig.max_len must be >= 2")
+        if self.image_cache_mb < 0 or self.prefix_cache_mb < 0:
+            raise ValueError("cache sizes must be >= 0 MB (0 = off)")
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, **overrides: Any) -> EngineConfig:
+        """Defaults per device: a CPU batches a few rows; a GPU many, with larger steps and caches."""
+        if torch.device(device).type == "cuda":
+            base = cls(max_slots=32, initial_len=2048, token_budget=2048, image_cache_mb=1024, prefix_cache_mb=4096)
+        else:
+            base = cls()
+        return replace(base, **overrides)
