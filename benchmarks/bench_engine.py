@@ -102,25 +102,10 @@ def part_throughput(n: int, new_tokens: int, rate: float, seed: int) -> dict:
 
 
 def part_caches(new_tokens: int) -> dict:
-    from lfm2vl.api import Model
-    from lfm2vl.bundled import bundled_path
-    from lfm2vl.model.lfm2vl import Lfm2Vl
-    from lfm2vl.processing.processor import Processor
-    from lfm2vl.processing.settings import ImageSettings
+    from lfm2vl.bench.workload import preset_checkpoint
 
-    processor = Processor.from_pretrained(bundled_path())
-    processor.settings = ImageSettings()  # LFM2-VL's default image budget (256 tokens, tiling on)
-    cfg = lfm2vl.model_config("LFM2-VL-450M")
-    cfg = type(cfg)(**{**cfg.__dict__, "image_token_id": processor.image_token_id})
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        module = Lfm2Vl(cfg)
-    module = module.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.02)
-    module.eval()
-    model = Model(module, processor, None)
+    model = lfm2vl.load(preset_checkpoint("450M"))  # full size, random weights, LFM2-VL's image defaults
+    module, processor = model.module, model.processor
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8))
     opts = dict(max_new_tokens=new_tokens, ignore_eos=True)
     conv = [user("Describe this image in detail.", image)]

@@ -3,13 +3,14 @@
 Every nn.Linear of the vision tower, projector and language model, and the output head, keeps its
 weight as int8 with one scale per output channel (symmetric, round to nearest); activations stay in
 floating point. A layer picks its kernel by the number of rows it multiplies (measured on a 2-core
-AMX Xeon, docs/performance.md):
+AMX Xeon, docs/performance.md). The token embedding is an int8 table too, and a tied head reads
+that same table:
 - few rows (decode, <= SMALL_ROWS): torch's int8 weight-only GEMV (`_weight_int8pack_mm`), which reads
   a quarter of the fp32 bytes: 0.20 ms for 1024 -> 6656 against 0.54 ms fp32 and 0.47 ms bf16;
 - many rows (prefill, vision): the int8 weight is widened to the compute dtype and multiplied there
   (7.1 ms for 1024 rows against 39.8 ms fp32; bf16 alone takes 5.5 ms).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
-float32. Embeddings, norms, the short convolutions and the vision patch embedding are not quantized.
+float32. Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
 """
 
 from __future__ import annotations
@@ -105,18 +106,41 @@ def check_scheme(scheme: str) -> None:
         raise ValueError(f"quantize={scheme!r} is not supported; use one of {list(QUANTIZE)}")
 
 
-def add_int8_head(module: nn.Module, dtype: torch.dtype,
-                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """A tied model reads its head from the embedding: give it its own int8 copy (a quarter of fp32),
-    from `quantized` (qweight, scale) if the loader made it from the stored weights."""
+class Int8Embedding(nn.Module):
+    """Token embeddings stored as int8 rows with one scale each; a tied head reads the same table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int8Embedding:
+        layer = cls(weight.shape[0], weight.shape[1], dtype, weight.device)
+        qweight, scale = quantize_weight(weight.detach())
+        layer.qweight.copy_(qweight)
+        layer.scale.copy_(scale)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)  # (..., D)
+
+
+def replace_embedding(module: nn.Module, dtype: torch.dtype) -> None:
+    """Swap the token embedding for an empty Int8Embedding shell (loading fills it)."""
+    old = module.language_model.embed_tokens
+    module.language_model.embed_tokens = Int8Embedding(old.num_embeddings, old.embedding_dim, dtype, old.weight.device)
+
+
+def share_int8_head(module: nn.Module) -> None:
+    """A tied model's head reads the int8 embedding table itself (no second copy of 65k x D)."""
     if getattr(module, "lm_head", "absent") is not None:
         return
-    embedding = module.language_model.embed_tokens.weight
-    if quantized is None:
-        quantized = quantize_weight(embedding.detach())
-    head = Int8Linear(embedding.shape[1], embedding.shape[0], False, dtype, embedding.device)
-    head.qweight.copy_(quantized[0])
-    head.scale.copy_(quantized[1])
+    table = module.language_model.embed_tokens
+    head = Int8Linear(table.embedding_dim, table.num_embeddings, False, table.scale.dtype, "meta")
+    head._buffers["qweight"], head._buffers["scale"] = table.qweight, table.scale  # shared, not copied
     module.lm_head = head
 
 
@@ -130,5 +154,7 @@ def quantize_model(module: nn.Module, scheme: str = "int8") -> nn.Module:
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf), dtype))
-    add_int8_head(module, dtype)
+    text = module.language_model
+    text.embed_tokens = Int8Embedding.from_weight(text.embed_tokens.weight, dtype)
+    share_int8_head(module)
     return module.to(dtype)  # the rest (int8 buffers stay int8)

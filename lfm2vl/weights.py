@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2Vl
-from .quant import add_int8_head, linear_names, quantize_weight, replace_linears
+from .quant import linear_names, quantize_weight, replace_embedding, replace_linears, share_int8_head
 
 # Stored prefix -> our module prefix; the first match wins, so longer prefixes come first.
 PREFIXES = (
@@ -150,7 +150,8 @@ def load_weights(
         model = Lfm2Vl(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     quantized = set(linear_names(model)) if quantize is not None else set()
-    head = None  # a tied model's int8 head, quantized from the stored (not the cast) embedding
+    if quantize is not None:
+        quantized.add("language_model.embed_tokens")  # an int8 table (a tied head reads it too)
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched, where = [], [], {}
     for path in shard_files(folder):
@@ -177,8 +178,6 @@ def load_weights(
                 qweight, scale = quantize_weight(t)
                 state[f"{layer}.qweight"], state[f"{layer}.scale"] = qweight.to(device), scale.to(device, dtype)
             else:
-                if quantize is not None and name == "language_model.embed_tokens.weight" and cfg.tie_word_embeddings:
-                    head = quantize_weight(t)
                 state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             del t
     missing = sorted(set(expected) - set(where))
@@ -189,10 +188,11 @@ def load_weights(
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
     if quantize is not None:
-        replace_linears(model, dtype, sorted(quantized))
+        replace_linears(model, dtype, sorted(quantized - {"language_model.embed_tokens"}))
+        replace_embedding(model, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     if quantize is not None:
-        add_int8_head(model, dtype, None if head is None else (head[0].to(device), head[1].to(device)))
+        share_int8_head(model)
     return model.eval()
 
 

@@ -30,11 +30,11 @@ class Lfm2Vl(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.embed_tokens.weight.device
+        return self.language_model.embedding_norm.weight.device  # (the embedding may be an int8 table)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
+        return self.language_model.embedding_norm.weight.dtype
 
     def make_cache(self, slots: int, max_len: int) -> HybridCache:
         """Decoding state for `slots` independent sequences of up to `max_len` positions (grows on demand)."""
