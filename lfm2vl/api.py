@@ -24,7 +24,9 @@ from .engine import Completion, Engine, EngineConfig, EngineError, Request, Requ
 from .hub import SIDE_FILES, resolve
 from .model.lfm2vl import Lfm2Vl
 from .sampling import RECOMMENDED, SamplingParams
-from .weights import CheckpointError, load_weights, save_weights, stored_dtype
+from .weights import (
+    CheckpointError, checkpoint_quantization, load_weights, save_weights, stored_dtype, write_quantized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +260,25 @@ class Model:
             (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", revision: str | None = None) -> Path:
+    """Write an int8 copy of a checkpoint (folder or Hub id) to `dst`, with its tokenizer and processor
+    files; `lfm2vl.load(dst)` then reads the int8 weights straight into place (`lfm2vl quantize`)."""
+    from .quant import check_scheme
+
+    check_scheme(scheme)
+    folder = resolve(src, revision=revision)
+    if checkpoint_quantization(folder) is not None:
+        raise ValueError(f"{folder} is already quantized")
+    dst = Path(dst)
+    if dst.resolve() == folder.resolve():
+        raise ValueError("the output folder must differ from the input folder")
+    write_quantized(folder, dst, read_config(folder))
+    for name in SIDE_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, dst / name)
+    return dst
+
+
 def load(
     path_or_hub_id: str | Path | None = None,
     *,
@@ -281,17 +302,25 @@ def load(
     device = check_device(device)
     dtype = parse_dtype(dtype)
     if quantize is not None:
-        from .quant import check_scheme, compute_dtype
+        from .quant import check_scheme
 
         check_scheme(quantize)
-        dtype = dtype or compute_dtype(device)
     folder = resolve(path_or_hub_id, revision=revision)
     cfg = read_config(folder)
+    stored_quantization = checkpoint_quantization(folder)
+    if stored_quantization is not None:
+        if quantize not in (None, stored_quantization):
+            raise ValueError(f"{folder} is already quantized ({stored_quantization}); load it without quantize=")
+        quantize = stored_quantization
+    if quantize is not None:
+        from .quant import compute_dtype
+
+        dtype = dtype or compute_dtype(device)
     if dtype is None:
         dtype = stored_dtype(folder)
         if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
             dtype = torch.float32
-    module = load_weights(folder, cfg, device, dtype, quantize)
+    module = load_weights(folder, cfg, device, dtype, quantize, prequantized=stored_quantization is not None)
     processor = None
     if (folder / "tokenizer.json").exists():
         from .processing.processor import Processor

@@ -38,7 +38,7 @@ _KNOWN_TOP = {
     "text_config", "vision_config", "image_token_id", "image_token_index", "projector_hidden_act",
     "projector_hidden_size", "projector_bias", "projector_use_layernorm", "downsample_factor", "tie_word_embeddings",
     "tie_embedding", "vision_feature_layer", "model_type", "architectures", "torch_dtype", "dtype",
-    "transformers_version", "auto_map", "_name_or_path", "use_cache",
+    "transformers_version", "auto_map", "_name_or_path", "use_cache", "quantization_config",
     # 4.57 / remote-code configs also carry the processor's knobs; the model never reads them.
     "min_image_tokens", "max_image_tokens", "do_image_splitting", "min_tiles", "max_tiles", "tile_size",
     "use_thumbnail", "encoder_patch_size", "max_pixels_tolerance", "use_image_special_tokens", "max_num_patches",

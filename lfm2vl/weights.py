@@ -138,19 +138,24 @@ def stored_dtype(folder: Path) -> torch.dtype:
 
 
 def load_weights(
-    folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.device, dtype: torch.dtype, quantize: str | None = None
+    folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.device, dtype: torch.dtype, quantize: str | None = None,
+    prequantized: bool = False,
 ) -> Lfm2Vl:
     """Build `Lfm2Vl` on the meta device and fill it strictly from the folder's safetensors.
 
     With quantize="int8" each linear layer's weight is quantized as it is read (lfm2vl/quant.py), so
-    its float copy never exists beside the int8 one; everything else is cast to `dtype`.
+    its float copy never exists beside the int8 one; everything else is cast to `dtype`. A
+    `prequantized` folder (written by `write_quantized`) holds the int8 tensors themselves.
     """
     folder = Path(folder)
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
+    if prequantized:  # the checkpoint's layout is the int8 model's
+        replace_linears(model, dtype)
+        replace_embedding(model, dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    quantized = set(linear_names(model)) if quantize is not None else set()
-    if quantize is not None:
+    quantized = set(linear_names(model)) if quantize is not None and not prequantized else set()
+    if quantized:
         quantized.add("language_model.embed_tokens")  # an int8 table (a tied head reads it too)
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched, where = [], [], {}
@@ -187,13 +192,57 @@ def load_weights(
             if items:
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
-    if quantize is not None:
+    if quantized:
         replace_linears(model, dtype, sorted(quantized - {"language_model.embed_tokens"}))
         replace_embedding(model, dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    if quantize is not None:
+    if quantize is not None or prequantized:
         share_int8_head(model)
     return model.eval()
+
+
+QUANTIZATION_CONFIG = {"quant_method": "lfm2vl", "weights": "int8", "symmetric": True,
+                       "scales": "one per output channel of each linear layer, one per row of the embedding"}
+
+
+def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig) -> Path:
+    """An int8 copy of a checkpoint folder: `.qweight` (int8) + `.scale` (fp32) for every layer that
+    `lfm2vl.load(quantize="int8")` quantizes, the other tensors as stored, and config.json with a
+    `quantization_config`. It loads straight into place (no float weights ever), but only with lfm2vl."""
+    src, dst = Path(src), Path(dst)
+    with torch.device("meta"):
+        model = Lfm2Vl(cfg)
+    targets = set(linear_names(model)) | {"language_model.embed_tokens"}
+    out: dict[str, torch.Tensor] = {}
+    for path in shard_files(src):
+        for key, t in iter_tensors(path):
+            name = map_key(key)
+            layer = None if name is None else name.removesuffix(".weight")
+            if name is not None and name.endswith(".weight") and layer in targets:
+                qweight, scale = quantize_weight(t)
+                base = key[: -len("weight")]
+                out[base + "qweight"], out[base + "scale"] = qweight, scale
+            else:
+                out[key] = t
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in list(dst.glob("model*.safetensors")) + list(dst.glob("model.safetensors.index.json")):
+        old.unlink()
+    _atomic_save(out, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text()) | {"quantization_config": QUANTIZATION_CONFIG}
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
+def checkpoint_quantization(folder: str | Path) -> str | None:
+    """"int8" for a folder written by `write_quantized`, None for a float checkpoint."""
+    path = Path(folder) / "config.json"
+    q = json.loads(path.read_text()).get("quantization_config") if path.exists() else None
+    if q is None:
+        return None
+    if q.get("quant_method") != "lfm2vl" or q.get("weights") != "int8":
+        raise CheckpointError(f"{folder}: quantization_config {q} is not one lfm2vl reads (it reads its own int8: "
+                              "lfm2vl quantize IN OUT); load the unquantized checkpoint instead")
+    return "int8"
 
 
 def hub_state_dict(model: Lfm2Vl) -> dict[str, torch.Tensor]:

@@ -58,3 +58,22 @@ def test_quantizing_while_loading_equals_quantizing_after():
     assert during.keys() == after.keys() and any(k.endswith(".qweight") for k in during)
     for k in during:
         assert during[k].dtype == after[k].dtype and torch.equal(during[k], after[k]), k
+
+
+def test_an_int8_checkpoint_loads_straight_into_place(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "q8"
+    r = subprocess.run([sys.executable, "-m", "lfm2vl", "quantize", str(ROOT / "lfm2vl/assets/bundled_model"), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    bundled = ROOT / "lfm2vl/assets/bundled_model/model.safetensors"
+    assert (out / "model.safetensors").stat().st_size < 0.4 * bundled.stat().st_size
+    assert (out / "tokenizer.json").exists() and "quantization_config" in (out / "config.json").read_text()
+    stored, during = lfm2vl.load(out).module.state_dict(), lfm2vl.load(quantize="int8").module.state_dict()
+    assert stored.keys() == during.keys() and all(torch.equal(stored[k], during[k]) for k in stored)
+    from lfm2vl.api import quantize_checkpoint
+
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(out, tmp_path / "again")

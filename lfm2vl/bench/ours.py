@@ -75,4 +75,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     best = median_run(runs)
     return {**best, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "quantize": spec.get("quantize")}
+            "quantize": spec.get("quantize") or _stored_quantization(model)}
+
+
+def _stored_quantization(model) -> str | None:
+    """"int8" for a checkpoint written by `lfm2vl quantize` (it loads quantized without --quantize)."""
+    return "int8" if any(type(m).__name__ == "Int8Linear" for m in model.module.modules()) else None

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat import cmd_chat
     from .evaluate import add_parser as add_eval_parser
     from .generate import cmd_generate
+    from .quantize import add_parser as add_quantize_parser
 
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(subparser, add_model_args, check_model_args, load_model)
     add_train_parser(subparser)
     add_bench_parser(subparser, add_model_args, check_model_args)
+    add_quantize_parser(subparser)
     return parser
 
 
