@@ -239,6 +239,9 @@ class Model:
             self._engine.stop(drain=True)
             self._engine = None
         self.module.to(device=device, dtype=parse_dtype(dtype))
+        from .quant import share_int8_head
+
+        share_int8_head(self.module)  # a move converts the shared int8 table twice: share it again
         return self
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int = 5 * 2**30) -> None:

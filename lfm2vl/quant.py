@@ -10,7 +10,8 @@ that same table:
 - many rows (prefill, vision): the int8 weight is widened to the compute dtype and multiplied there
   (7.1 ms for 1024 rows against 39.8 ms fp32; bf16 alone takes 5.5 ms).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
-float32. Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
+float32. On a GPU every call widens the weight (correct, but no faster than bf16: a GPU int8 kernel
+is still to come). Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
 """
 
 from __future__ import annotations
@@ -135,21 +136,27 @@ def replace_embedding(module: nn.Module, dtype: torch.dtype) -> None:
 
 
 def share_int8_head(module: nn.Module) -> None:
-    """A tied model's head reads the int8 embedding table itself (no second copy of 65k x D)."""
-    if getattr(module, "lm_head", "absent") is not None:
-        return
+    """A tied model's head reads the int8 embedding table itself (no second copy of 65k x D). Called
+    again after a move or cast (`Model.to`), which converts the two modules' buffers separately."""
     table = module.language_model.embed_tokens
+    head = getattr(module, "lm_head", "absent")
+    if isinstance(head, Int8Linear) and isinstance(table, Int8Embedding) and getattr(head, "tied", False):
+        head._buffers["qweight"], head._buffers["scale"] = table.qweight, table.scale
+        return
+    if head is not None:
+        return
     head = Int8Linear(table.embedding_dim, table.num_embeddings, False, table.scale.dtype, "meta")
     head._buffers["qweight"], head._buffers["scale"] = table.qweight, table.scale  # shared, not copied
+    head.tied = True
     module.lm_head = head
 
 
-def quantize_model(module: nn.Module, scheme: str = "int8") -> nn.Module:
+def quantize_model(module: nn.Module, scheme: str = "int8", dtype: torch.dtype | None = None) -> nn.Module:
     """Quantize a loaded model in place (lfm2vl.load(quantize=...) does it while reading instead, which
     never holds the float weights of the linear layers); returns the module."""
     check_scheme(scheme)
     device = next(module.parameters()).device
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     for name in linear_names(module):  # from the weights' own precision, before any cast
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

@@ -84,6 +84,8 @@ def shard_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
+    if (folder / INT8_WEIGHTS).exists():
+        return [folder / INT8_WEIGHTS]
     if list(folder.glob("*.bin")):
         raise CheckpointError(f"{folder} holds only PyTorch .bin weights; convert them to safetensors first")
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
@@ -169,6 +171,8 @@ def load_weights(
             elif name in expected:
                 if tuple(info["shape"]) != expected[name]:
                     mismatched.append(f"{key} ({path.name}): stored {tuple(info['shape'])}, model {expected[name]}")
+                elif name.endswith(".qweight") and info["dtype"] != "I8":
+                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, an int8 checkpoint needs I8")
                 elif name in where:
                     unexpected.append(f"{key} ({path.name}): duplicate of {where[name]}")
                 else:
@@ -201,6 +205,9 @@ def load_weights(
     return model.eval()
 
 
+# An int8 folder's weights file has its own name, so that transformers (which would fill every missing
+# float weight with random values and only warn) refuses the folder instead of loading noise.
+INT8_WEIGHTS = "model.int8.safetensors"
 QUANTIZATION_CONFIG = {"quant_method": "lfm2vl", "weights": "int8", "symmetric": True,
                        "scales": "one per output channel of each linear layer, one per row of the embedding"}
 
@@ -208,7 +215,8 @@ QUANTIZATION_CONFIG = {"quant_method": "lfm2vl", "weights": "int8", "symmetric":
 def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig) -> Path:
     """An int8 copy of a checkpoint folder: `.qweight` (int8) + `.scale` (fp32) for every layer that
     `lfm2vl.load(quantize="int8")` quantizes, the other tensors as stored, and config.json with a
-    `quantization_config`. It loads straight into place (no float weights ever), but only with lfm2vl."""
+    `quantization_config`, in INT8_WEIGHTS. It loads straight into place (no float weights ever), but
+    only with lfm2vl."""
     src, dst = Path(src), Path(dst)
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
@@ -227,7 +235,7 @@ def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig) -> Path
     dst.mkdir(parents=True, exist_ok=True)
     for old in list(dst.glob("model*.safetensors")) + list(dst.glob("model.safetensors.index.json")):
         old.unlink()
-    _atomic_save(out, dst / "model.safetensors")
+    _atomic_save(out, dst / INT8_WEIGHTS)
     config = json.loads((src / "config.json").read_text()) | {"quantization_config": QUANTIZATION_CONFIG}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst

@@ -24,8 +24,8 @@ def _bench(*args, timeout=600):
 
 
 def test_bench_reports_every_part_and_ends_with_json(tmp_path):
-    out, r = _bench("--model", BUNDLED, "--image", ROOT / "examples/red_circle.png", "--runs", "2", "--warmup", "0",
-                    "--max-new-tokens", "5", "--plot", tmp_path / "bars.png", "--sweep")
+    out, r = _bench("--model", BUNDLED, "--runs", "2", "--warmup", "0", "--max-new-tokens", "5",
+                    "--plot", tmp_path / "bars.png", "--sweep")
     assert KEYS <= set(out) and out["image_tokens"] == 36 and out["crops"] == 1
     assert out["ttft_s"] >= out["preprocess_s"] > 0 and out["total_s"] >= out["ttft_s"]
     assert "cpu" in out["machine"] and "time to first token" in r.stdout
@@ -46,7 +46,9 @@ def test_compare_runs_the_reference_on_the_same_inputs(tmp_path):
 
 def test_bench_argument_errors_are_one_line():
     for args, phrase in ((("--runs", "0"), "--runs must be >= 1"), (("--image", "nope.png"), "--image nope.png"),
-                         (("--model", BUNDLED, "--preset", "450M"), "--model or --preset")):
+                         (("--model", BUNDLED, "--preset", "450M"), "--model or --preset"),
+                         (("--sweep", "--image", ROOT / "examples/red_circle.png"), "--sweep times its own"),
+                         (("--plot", "/no/such/dir/x.png"), "--plot")):
         r = subprocess.run([sys.executable, "-m", "lfm2vl", "bench", *map(str, args)], capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, r.stderr

@@ -69,7 +69,8 @@ def test_an_int8_checkpoint_loads_straight_into_place(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     bundled = ROOT / "lfm2vl/assets/bundled_model/model.safetensors"
-    assert (out / "model.safetensors").stat().st_size < 0.4 * bundled.stat().st_size
+    assert (out / "model.int8.safetensors").stat().st_size < 0.4 * bundled.stat().st_size
+    assert not (out / "model.safetensors").exists()  # transformers must refuse the folder, not load noise
     assert (out / "tokenizer.json").exists() and "quantization_config" in (out / "config.json").read_text()
     stored, during = lfm2vl.load(out).module.state_dict(), lfm2vl.load(quantize="int8").module.state_dict()
     assert stored.keys() == during.keys() and all(torch.equal(stored[k], during[k]) for k in stored)
@@ -77,3 +78,13 @@ def test_an_int8_checkpoint_loads_straight_into_place(tmp_path):
 
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again")
+
+
+def test_a_quantized_model_moved_or_cast_still_shares_its_table():
+    model = lfm2vl.load(quantize="int8")
+    model.to(dtype="float32")
+    head, table = model.module.lm_head, model.module.language_model.embed_tokens
+    assert head.qweight is table.qweight and head.scale is table.scale and table.scale.dtype == torch.float32
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(ROOT / "examples/red_circle.png")},
+                                         {"type": "text", "text": "what shape is in the image?"}]}]
+    assert model.generate(conv) == "circle"

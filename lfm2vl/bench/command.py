@@ -70,6 +70,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("bench measures a checkpoint as saved: merge the adapter first (lfm2vl train writes model/)")
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"--image {args.image}: no such file")
+    if args.plot is not None and not Path(args.plot).expanduser().resolve().parent.is_dir():
+        raise ValueError(f"--plot {args.plot}: its folder does not exist")
+    if args.sweep and args.image is not None:
+        raise ValueError("--sweep times its own random images of each side: drop --image, or drop --sweep")
+    if args.compare and args.model is not None and Path(args.model).is_dir():
+        from ..weights import checkpoint_quantization
+
+        if checkpoint_quantization(Path(args.model)) is not None:
+            raise ValueError(f"--compare transformers cannot read the int8 checkpoint {args.model}: compare the "
+                             "float checkpoint with --quantize int8")
     if args.compare == "transformers" and importlib.util.find_spec("transformers") is None:
         raise ValueError(INSTALL_REFERENCE)
     args._check_model_args(args)

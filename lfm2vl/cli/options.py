@@ -109,6 +109,19 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {args.adapter}: no adapter_config.json there (lfm2vl train --lora --no-merge "
                          "writes adapter folders)")
+    if args.adapter is not None and args.model is not None and _prequantized(args.model):
+        raise UsageError(f"--adapter needs float weights to merge into, and {args.model} is an int8 checkpoint: give "
+                         "the unquantized --model with --adapter (and --quantize int8 if wanted)")
+
+
+def _prequantized(model: str) -> bool:
+    from ..weights import CheckpointError, checkpoint_quantization
+
+    folder = Path(model).expanduser()
+    try:
+        return folder.is_dir() and checkpoint_quantization(folder) is not None
+    except (CheckpointError, ValueError):
+        return False
 
 
 def load_model(args: argparse.Namespace):
@@ -125,7 +138,7 @@ def load_model(args: argparse.Namespace):
     if args.quantize is not None:  # after merging: the adapter is folded into the weights first
         from ..quant import quantize_model
 
-        quantize_model(model.module, args.quantize)
+        quantize_model(model.module, args.quantize, model.dtype if args.dtype else None)
     return model
 
 

@@ -143,6 +143,7 @@ class Engine:
         with self._qlock:
             queued = len(self._queue)
         # list()/dict() copies are single C calls under the GIL: consistent even while the worker steps
+        # (a free-threaded Python would need the step lock here)
         active, recent, counters = list(self._active.values()), list(self._recent), dict(self.counters)
         now = time.perf_counter()
         recent = [(t, n) for t, n in recent if now - t < 10]

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 from .config import Stage, TrainConfig
@@ -118,6 +119,8 @@ def build_config_and_overrides(args: argparse.Namespace) -> tuple[TrainConfig, l
     if args.recipe:
         if args.data:
             raise ValueError("give either --recipe or --data, not both (the recipe names its own data)")
+        if not Path(args.recipe).is_file():
+            raise ValueError(f"--recipe {args.recipe}: no such file")
         config = TrainConfig.load(args.recipe)
     else:
         if not args.data or not args.output:
@@ -155,17 +158,21 @@ def build_config_and_overrides(args: argparse.Namespace) -> tuple[TrainConfig, l
     config = replace(config, **config_changes)
     if args.recipe:
         overrides += [f"{k}={v}" for k, v in config_changes.items()]
-    return config, overrides
+    return config, overrides if args.recipe else []
 
 
 def check_paths(config: TrainConfig) -> None:
     """What can be checked before the model loads: the device and that every data path exists."""
-    from pathlib import Path
-
     from ..api import check_device
 
     if config.device != "auto":
         check_device(config.device)
+    from ..weights import checkpoint_quantization
+
+    if config.model is not None and Path(config.model).expanduser().is_dir() and checkpoint_quantization(
+            Path(config.model).expanduser()) is not None:
+        raise ValueError(f"--model {config.model} is an int8 checkpoint (lfm2vl quantize): training needs the "
+                         "float checkpoint it came from")
     for stage in config.stages:
         for path in (*stage.data, *stage.text_data):
             if not Path(path).expanduser().exists():
