@@ -83,6 +83,7 @@ def test_argument_errors_are_one_line_before_the_weights_load(unreadable_ckpt, r
         (("generate", *m, "--prompt", "hi", "--tile-size", "100"), "--tile-size"),
         (("generate", *m, "--prompt", "hi", "--resample", "lanczos"), "invalid choice: 'lanczos'"),
         (("generate", *m, "--prompt", "hi", "--stop-token-ids", "x"), "invalid int value: 'x'"),
+        (("generate", *m, "--prompt", "hi", "--stop-token-ids", "7", "999999"), "--stop-token-ids 999999: this model's"),
         (("generate", *m, "--prompt", "hi", "--json", "--stream"), "not allowed with argument --json"),
         (("generate", *m, "--prompt", "hi", "--image", "nope.png"), "--image nope.png: no such file"),
         (("generate", *m, "--prompt", "hi", "--image", "abcd"), "--image abcd: no such file"),

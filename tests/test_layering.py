@@ -24,7 +24,7 @@ ALLOWED = {
     "eval": set(),
     "train": {"lfm2vl", "api", "config", "eval", "model", "weights"},
     "server": {"lfm2vl", "api", "completion", "engine", "processing", "sampling"},
-    "cli": {"lfm2vl", "api", "bench", "config", "engine", "eval", "processing", "quant", "sampling", "server", "train",
+    "cli": {"lfm2vl", "api", "bench", "bundled", "config", "engine", "eval", "processing", "quant", "sampling", "server", "train",
             "weights"},
     "bench": {"lfm2vl", "api", "bundled", "config", "model", "processing", "weights"},
     "__main__": {"cli"},

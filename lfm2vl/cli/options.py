@@ -109,9 +109,29 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {args.adapter}: no adapter_config.json there (lfm2vl train --lora --no-merge "
                          "writes adapter folders)")
+    stop_ids = getattr(args, "stop_token_ids", None)
+    vocab = _vocab_size(args.model) if stop_ids else None
+    if vocab is not None and any(not 0 <= t < vocab for t in stop_ids):
+        bad = [t for t in stop_ids if not 0 <= t < vocab]
+        raise UsageError(f"--stop-token-ids {' '.join(map(str, bad))}: this model's vocabulary has {vocab} tokens "
+                         f"(ids 0 to {vocab - 1})")
     if args.adapter is not None and args.model is not None and _prequantized(args.model):
         raise UsageError(f"--adapter needs float weights to merge into, and {args.model} is an int8 checkpoint: give "
                          "the unquantized --model with --adapter (and --quantize int8 if wanted)")
+
+
+def _vocab_size(model: str | None) -> int | None:
+    """The vocabulary size from a local checkpoint's config.json (None for a Hub id not yet resolved)."""
+    import json
+
+    from ..bundled import bundled_path
+
+    folder = bundled_path() if model is None else Path(model).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        return int((config.get("text_config") or config)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prequantized(model: str) -> bool:
