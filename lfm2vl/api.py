@@ -246,7 +246,9 @@ class Model:
 
     def save_pretrained(self, folder: str | Path, max_shard_size: int = 5 * 2**30) -> None:
         """Write config.json + safetensors in the Hugging Face layout, with the tokenizer/processor files."""
-        if any(type(m).__name__ == "Int8Linear" for m in self.module.modules()):
+        from .quant import is_quantized
+
+        if is_quantized(self.module):
             raise ValueError("a quantized model cannot be saved in the Hugging Face layout: load the checkpoint "
                              "without quantize= and save that")
         folder = Path(folder)

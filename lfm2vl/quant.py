@@ -95,11 +95,14 @@ def linear_names(module: nn.Module) -> list[str]:
 def replace_linears(module: nn.Module, dtype: torch.dtype, names: list[str] | None = None) -> None:
     """Swap the named nn.Linear layers for empty Int8Linear shells on the same device (loading fills them)."""
     for name in linear_names(module) if names is None else names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        old = getattr(parent, leaf)
-        setattr(parent, leaf, Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype,
-                                         old.weight.device))
+        old = module.get_submodule(name)
+        module.set_submodule(name, Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype,
+                                              old.weight.device))
+
+
+def is_quantized(module: nn.Module) -> str | None:
+    """"int8" when the model's layers are Int8Linear (however it got so), else None."""
+    return "int8" if any(isinstance(m, Int8Linear) for m in module.modules()) else None
 
 
 def check_scheme(scheme: str) -> None:
@@ -158,9 +161,7 @@ def quantize_model(module: nn.Module, scheme: str = "int8", dtype: torch.dtype |
     device = next(module.parameters()).device
     dtype = dtype or compute_dtype(device)
     for name in linear_names(module):  # from the weights' own precision, before any cast
-        parent_name, _, leaf = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf), dtype))
+        module.set_submodule(name, Int8Linear.from_linear(module.get_submodule(name), dtype))
     text = module.language_model
     text.embed_tokens = Int8Embedding.from_weight(text.embed_tokens.weight, dtype)
     share_int8_head(module)

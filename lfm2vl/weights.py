@@ -242,8 +242,9 @@ def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig) -> Path
 
 
 def checkpoint_quantization(folder: str | Path) -> str | None:
-    """"int8" for a folder written by `write_quantized`, None for a float checkpoint."""
-    path = Path(folder) / "config.json"
+    """"int8" for a folder written by `write_quantized`; None for a float checkpoint, or for anything
+    that is not a local checkpoint folder (a Hub id not yet resolved)."""
+    path = Path(folder).expanduser() / "config.json"
     q = json.loads(path.read_text()).get("quantization_config") if path.exists() else None
     if q is None:
         return None

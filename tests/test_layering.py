@@ -26,7 +26,7 @@ ALLOWED = {
     "server": {"lfm2vl", "api", "completion", "engine", "processing", "sampling"},
     "cli": {"lfm2vl", "api", "bench", "bundled", "config", "engine", "eval", "processing", "quant", "sampling", "server", "train",
             "weights"},
-    "bench": {"lfm2vl", "api", "bundled", "config", "model", "processing", "weights"},
+    "bench": {"lfm2vl", "api", "bundled", "config", "model", "processing", "quant", "weights"},
     "__main__": {"cli"},
 }
 FORBIDDEN_EVERYWHERE = {"transformers", "torchvision"}

@@ -74,10 +74,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--plot {args.plot}: its folder does not exist")
     if args.sweep and args.image is not None:
         raise ValueError("--sweep times its own random images of each side: drop --image, or drop --sweep")
-    if args.compare and args.model is not None and Path(args.model).is_dir():
+    if args.compare and args.model is not None:
         from ..weights import checkpoint_quantization
 
-        if checkpoint_quantization(Path(args.model)) is not None:
+        if checkpoint_quantization(args.model) is not None:
             raise ValueError(f"--compare transformers cannot read the int8 checkpoint {args.model}: compare the "
                              "float checkpoint with --quantize int8")
     if args.compare == "transformers" and importlib.util.find_spec("transformers") is None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..quant import is_quantized
 from .workload import conversation, median_run, peak_rss_mb
 
 
@@ -75,9 +76,4 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     best = median_run(runs)
     return {**best, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "quantize": spec.get("quantize") or _stored_quantization(model)}
-
-
-def _stored_quantization(model) -> str | None:
-    """"int8" for a checkpoint written by `lfm2vl quantize` (it loads quantized without --quantize)."""
-    return "int8" if any(type(m).__name__ == "Int8Linear" for m in model.module.modules()) else None
+            "quantize": is_quantized(model.module)}  # also set for an `lfm2vl quantize` checkpoint

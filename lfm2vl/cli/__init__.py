@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from .options import UsageError, add_generation_args, add_model_args, check_model_args, load_model
+from .options import UsageError, add_generation_args, add_model_args, check_model_args, load_model, one_line
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -80,11 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text.removeprefix("error: ")
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..engine import EngineError
 
@@ -98,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, EngineError) as e:  # the message names the problem and the remedy
         if debug:
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001  (a bug: one line, the traceback on request)
         if debug:
             raise
-        print(f"error: internal error ({type(e).__name__}: {_one_line(e)}); rerun with --debug for the traceback "
+        print(f"error: internal error ({type(e).__name__}: {one_line(e)}); rerun with --debug for the traceback "
               "and please report it", file=sys.stderr)
         return 1
 

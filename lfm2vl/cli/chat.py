@@ -15,7 +15,7 @@ from typing import Any
 
 from ..engine import EngineError, Request
 from .generate import user_message
-from .options import UsageError, check_model_args, generation_options, load_model, read_image_file
+from .options import UsageError, check_model_args, generation_options, load_model, one_line, read_image_file
 
 COMMANDS = ("commands: /image PATH [PATH ...] attaches images to your next message, /reset starts over, /quit "
             "leaves (or Ctrl-D); Ctrl-C stops a reply; start a message with // to send a leading /")
@@ -119,7 +119,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             request, kept, dropped = fit_context(model, [*history, message], opts)
         except (ValueError, OSError) as e:
-            _notice(f"error: {' '.join(str(e).split())} (the conversation is unchanged)")
+            _notice(f"error: {one_line(e)} (the conversation is unchanged)")
             continue
         if dropped:
             _notice(f"(the conversation outgrew the context of {model.engine.max_len} tokens: the oldest {dropped} "
@@ -140,6 +140,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         except EngineError as e:
             print()
-            _notice(f"error: {' '.join(str(e).split())} (the conversation is unchanged)")
+            _notice(f"error: {one_line(e)} (the conversation is unchanged)")
             continue
         history = [*kept, {"role": "assistant", "content": reply}]

@@ -17,6 +17,12 @@ class UsageError(ValueError):
     """A problem in the command line; the message names the flag and what to do."""
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (the CLI prints every error as one `error:` line)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.removeprefix("error: ")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the bundled model)")
@@ -97,6 +103,7 @@ def _flags_named(message: str, flags: dict[str, str]) -> str:
 
 def check_model_args(args: argparse.Namespace) -> None:
     from ..api import check_device, parse_dtype
+    from ..weights import checkpoint_quantization
 
     try:
         check_device(args.device)
@@ -115,7 +122,7 @@ def check_model_args(args: argparse.Namespace) -> None:
         bad = [t for t in stop_ids if not 0 <= t < vocab]
         raise UsageError(f"--stop-token-ids {' '.join(map(str, bad))}: this model's vocabulary has {vocab} tokens "
                          f"(ids 0 to {vocab - 1})")
-    if args.adapter is not None and args.model is not None and _prequantized(args.model):
+    if args.adapter is not None and args.model is not None and checkpoint_quantization(args.model) is not None:
         raise UsageError(f"--adapter needs float weights to merge into, and {args.model} is an int8 checkpoint: give "
                          "the unquantized --model with --adapter (and --quantize int8 if wanted)")
 
@@ -132,16 +139,6 @@ def _vocab_size(model: str | None) -> int | None:
         return int((config.get("text_config") or config)["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _prequantized(model: str) -> bool:
-    from ..weights import CheckpointError, checkpoint_quantization
-
-    folder = Path(model).expanduser()
-    try:
-        return folder.is_dir() and checkpoint_quantization(folder) is not None
-    except (CheckpointError, ValueError):
-        return False
 
 
 def load_model(args: argparse.Namespace):

@@ -169,8 +169,7 @@ def check_paths(config: TrainConfig) -> None:
         check_device(config.device)
     from ..weights import checkpoint_quantization
 
-    if config.model is not None and Path(config.model).expanduser().is_dir() and checkpoint_quantization(
-            Path(config.model).expanduser()) is not None:
+    if config.model is not None and checkpoint_quantization(config.model) is not None:
         raise ValueError(f"--model {config.model} is an int8 checkpoint (lfm2vl quantize): training needs the "
                          "float checkpoint it came from")
     for stage in config.stages:
