@@ -103,6 +103,13 @@ class Model:
         return self.module.device
 
     @property
+    def quantization(self) -> str | None:
+        """"int8" / "int4" for a quantized model, else None."""
+        from .quant import is_quantized
+
+        return is_quantized(self.module)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.module.dtype
 
@@ -266,8 +273,8 @@ class Model:
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", revision: str | None = None) -> Path:
-    """Write an int8 copy of a checkpoint (folder or Hub id) to `dst`, with its tokenizer and processor
-    files; `lfm2vl.load(dst)` then reads the int8 weights straight into place (`lfm2vl quantize`)."""
+    """Write a quantized (int8 or int4) copy of a checkpoint (folder or Hub id) to `dst`, with its tokenizer
+    and processor files; `lfm2vl.load(dst)` then reads the weights straight into place (`lfm2vl quantize`)."""
     from .quant import check_scheme
 
     check_scheme(scheme)
@@ -277,7 +284,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", 
     dst = Path(dst)
     if dst.resolve() == folder.resolve():
         raise ValueError("the output folder must differ from the input folder")
-    write_quantized(folder, dst, read_config(folder))
+    write_quantized(folder, dst, read_config(folder), scheme)
     for name in SIDE_FILES:
         if (folder / name).exists():
             shutil.copyfile(folder / name, dst / name)
@@ -297,8 +304,9 @@ def load(
     dtype None keeps the stored dtype, except that bf16/fp16 weights are upcast to float32 on
     the CPU (half-precision matmuls are slow or unsupported on many CPUs). With no path, the
     model bundled with the package is loaded. quantize="int8" keeps every linear layer's weight in
-    int8 (lfm2vl/quant.py; about 4x less memory for them and faster decoding); dtype then defaults to
-    the device's fast compute dtype (bfloat16 on CPUs with native bf16).
+    int8 (lfm2vl/quant.py; about 4x less memory for them and faster decoding); quantize="int4" keeps
+    the language model's in 4 bits (faster decoding still) and the vision tower's in int8. dtype then
+    defaults to the device's fast compute dtype (bfloat16 on CPUs with native bf16).
     """
     if path_or_hub_id is None:
         from .bundled import bundled_path

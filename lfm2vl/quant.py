@@ -1,4 +1,6 @@
-"""int8 weight quantization for inference (`lfm2vl.load(..., quantize="int8")`, `--quantize int8`).
+"""Weight quantization for inference (`lfm2vl.load(..., quantize="int8" | "int4")`, `--quantize`).
+
+int8 ("int8"):
 
 Every nn.Linear of the vision tower, projector and language model, and the output head, keeps its
 weight as int8 with one scale per output channel (symmetric, round to nearest); activations stay in
@@ -12,6 +14,16 @@ that same table:
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
 float32. On a GPU every call widens the weight (correct, but no faster than bf16: a GPU int8 kernel
 is still to come). Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
+
+int4 ("int4"): the language model's linear layers and its head keep 4-bit weights, asymmetric, one
+(scale, zero) pair per group of INT4_GROUP input weights (torch's convention: w = (q - 8) * scale +
+zero); the vision tower and projector stay int8 (they only ever run many rows, where int4 buys
+nothing). Decode reads half the int8 bytes: torch's int4 weight-only kernel
+(`_weight_int4pack_mm_for_cpu`) streams 46 G weights/s here against 27 for int8 (AMD EPYC with
+AVX512-BF16, benchmarks/bench_kernels.py). Above INT4_KERNEL_ROWS rows the layer unpacks its weight
+to bfloat16 and multiplies there (the int4 kernel is 3.6x slower than bf16 at 1,024 rows). A layer
+whose shape the kernel cannot take (out % 64, in % INT4_GROUP) stays int8. A tied head gets its own
+int4 copy of the embedding table (the table itself stays int8 for lookups).
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int4")
 KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's input dtype: left as is
 SMALL_ROWS = 8  # at or below: the int8 GEMV kernel; above: widen and multiply (measured crossover ~8-16)
+INT4_GROUP = 32  # input weights per (scale, zero) pair (llama.cpp's Q4 block size)
+INT4_KERNEL_ROWS = 96  # at or below: the int4 kernel; above: unpack to bf16 (measured crossover ~128)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -87,27 +101,152 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Shapes torch's CPU int4 kernel packs: 64 output rows per block, whole groups along the input."""
+    return out_features % 64 == 0 and in_features % INT4_GROUP == 0
+
+
+def int4_available() -> str | None:
+    """None when this torch has the CPU int4 kernel with the packing `unpack_int4` reads, else why not."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no CPU int4 kernel (_weight_int4pack_mm_for_cpu): use int8"
+    probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    if packed.dtype != torch.uint8 or not torch.equal(_unpack_nibbles(packed, 128, 64).int(), probe):
+        return f"torch {torch.__version__} packs int4 weights in a layout lfm2vl does not read: use int8"
+    return None
+
+
+def _unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """torch's CPU int4 packing (torch 2.6-2.13) -> (n, k) uint8 in 0..15. Each block of 64 output rows
+    is (k, 32) bytes: byte [kk, j] holds row j in its low nibble and row 32 + j in its high one."""
+    b = packed.view(n // 64, k, 32)
+    return torch.stack((b & 15, b >> 4), 1).transpose(2, 3).reshape(n, k)
+
+
+def quantize_int4(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> (packed uint8 (out, in/2), scales_zeros fp32 (in/G, out, 2)), a block of rows at a time."""
+    n, k = weight.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    sz = torch.empty(k // INT4_GROUP, n, 2, dtype=torch.float32)
+    for i in range(0, n, chunk_rows):
+        g = weight[i : i + chunk_rows].float().cpu().view(-1, k // INT4_GROUP, INT4_GROUP)  # (rows, in/G, G)
+        low, high = g.amin(-1), g.amax(-1)
+        scale = (high - low).clamp(min=1e-6) / 15
+        q = torch.round((g - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).view(-1, k)
+        packed[i : i + chunk_rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz[:, i : i + chunk_rows] = torch.stack((scale, low + 8 * scale), -1).transpose(0, 1)
+    return packed.to(weight.device), sz.to(weight.device)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in 4 bits: W[o, i] ~= (q[o, i] - 8) * scale[i // G, o] + zero[i // G, o]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # bf16 whatever the compute dtype: the CPU kernel is 45x slower in float32
+        self.register_buffer("scales_zeros", torch.empty(in_features // INT4_GROUP, out_features, 2,
+                                                         dtype=torch.bfloat16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int4Linear:
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype, weight.device)
+        packed, sz = quantize_int4(weight.detach())
+        layer.qweight.copy_(packed)
+        layer.scales_zeros.copy_(sz)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The (out, in) weight the kernel multiplies by, in `dtype`."""
+        n, k = self.out_features, self.in_features
+        q = _unpack_nibbles(self.qweight, n, k).view(n, k // INT4_GROUP, INT4_GROUP).to(dtype)
+        scale, zero = self.scales_zeros.to(dtype).permute(2, 1, 0)  # 2 x (out, in/G)
+        return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); .to: a no-op unless the model was cast
+                x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros.to(torch.bfloat16))
+        else:
+            y = F.linear(x2.to(torch.bfloat16), self.dequantized())
+        y = y.to(x.dtype if self.bias is None else self.bias.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
+
+
+def layer_kind(scheme: str, name: str, out_features: int, in_features: int) -> str:
+    """What one linear layer becomes under `scheme`: "int4" for the language model's layers and head
+    (when the kernel takes their shape), else "int8"."""
+    text = name.startswith("language_model.") or name == "lm_head"
+    return "int4" if scheme == "int4" and text and int4_fits(out_features, in_features) else "int8"
+
+
+def quantized_tensors(kind: str, weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The buffers (by name) of a `kind` layer holding `weight`, as loading fills them."""
+    if kind == "int4":
+        packed, sz = quantize_int4(weight)
+        return {"qweight": packed, "scales_zeros": sz.to(torch.bfloat16)}
+    qweight, scale = quantize_weight(weight)
+    return {"qweight": qweight, "scale": scale.to(dtype)}
+
+
+def shell(kind: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+          device: torch.device | str | None) -> nn.Module:
+    cls = Int4Linear if kind == "int4" else Int8Linear
+    return cls(in_features, out_features, bias, dtype, device)
+
+
 def linear_names(module: nn.Module) -> list[str]:
     """The nn.Linear layers quantization replaces (every one but KEEP)."""
     return [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP]
 
 
-def replace_linears(module: nn.Module, dtype: torch.dtype, names: list[str] | None = None) -> None:
-    """Swap the named nn.Linear layers for empty Int8Linear shells on the same device (loading fills them)."""
+def replace_linears(module: nn.Module, dtype: torch.dtype, names: list[str] | None = None, scheme: str = "int8") -> None:
+    """Swap the named nn.Linear layers for empty quantized shells on the same device (loading fills them)."""
     for name in linear_names(module) if names is None else names:
         old = module.get_submodule(name)
-        module.set_submodule(name, Int8Linear(old.in_features, old.out_features, old.bias is not None, dtype,
-                                              old.weight.device))
+        kind = layer_kind(scheme, name, old.out_features, old.in_features)
+        module.set_submodule(name, shell(kind, old.in_features, old.out_features, old.bias is not None, dtype,
+                                         old.weight.device))
+
+
+def tied_int4_head(module: nn.Module, scheme: str) -> bool:
+    """Whether `scheme` gives this (tied) model an int4 head of its own, read from the embedding."""
+    table = module.language_model.embed_tokens
+    dims = (table.num_embeddings, table.embedding_dim)
+    return scheme == "int4" and getattr(module, "lm_head", None) is None and int4_fits(*dims)
+
+
+def add_int4_head(module: nn.Module, dtype: torch.dtype) -> None:
+    """An empty int4 head shell for a tied model (loading fills it from the embedding's weight)."""
+    table = module.language_model.embed_tokens
+    module.lm_head = Int4Linear(table.embedding_dim, table.num_embeddings, False, dtype,
+                                table.qweight.device if hasattr(table, "qweight") else table.weight.device)
 
 
 def is_quantized(module: nn.Module) -> str | None:
-    """"int8" when the model's layers are Int8Linear (however it got so), else None."""
-    return "int8" if any(isinstance(m, Int8Linear) for m in module.modules()) else None
+    """"int4" / "int8" when the model's layers are quantized so (however it got so), else None."""
+    kinds = {type(m) for m in module.modules()}
+    return "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else None
 
 
 def check_scheme(scheme: str) -> None:
     if scheme not in QUANTIZE:
         raise ValueError(f"quantize={scheme!r} is not supported; use one of {list(QUANTIZE)}")
+    if scheme == "int4" and (why := int4_available()) is not None:
+        raise ValueError(why)
 
 
 class Int8Embedding(nn.Module):
@@ -143,6 +282,8 @@ def share_int8_head(module: nn.Module) -> None:
     again after a move or cast (`Model.to`), which converts the two modules' buffers separately."""
     table = module.language_model.embed_tokens
     head = getattr(module, "lm_head", "absent")
+    if isinstance(head, Int4Linear):  # an int4 head is its own table
+        return
     if isinstance(head, Int8Linear) and isinstance(table, Int8Embedding) and getattr(head, "tied", False):
         head._buffers["qweight"], head._buffers["scale"] = table.qweight, table.scale
         return
@@ -160,9 +301,13 @@ def quantize_model(module: nn.Module, scheme: str = "int8", dtype: torch.dtype |
     check_scheme(scheme)
     device = next(module.parameters()).device
     dtype = dtype or compute_dtype(device)
-    for name in linear_names(module):  # from the weights' own precision, before any cast
-        module.set_submodule(name, Int8Linear.from_linear(module.get_submodule(name), dtype))
     text = module.language_model
+    if tied_int4_head(module, scheme):
+        module.lm_head = Int4Linear.from_weight(text.embed_tokens.weight, None, dtype)
+    for name in linear_names(module):  # from the weights' own precision, before any cast
+        old = module.get_submodule(name)
+        cls = Int4Linear if layer_kind(scheme, name, old.out_features, old.in_features) == "int4" else Int8Linear
+        module.set_submodule(name, cls.from_weight(old.weight, old.bias, dtype))
     text.embed_tokens = Int8Embedding.from_weight(text.embed_tokens.weight, dtype)
     share_int8_head(module)
     return module.to(dtype)  # the rest (int8 buffers stay int8)

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from .config import Lfm2VlConfig
 from .model.lfm2vl import Lfm2Vl
-from .quant import linear_names, quantize_weight, replace_embedding, replace_linears, share_int8_head
+from .quant import (add_int4_head, layer_kind, linear_names, quantized_tensors, replace_embedding, replace_linears,
+                    share_int8_head, tied_int4_head)
 
 # Stored prefix -> our module prefix; the first match wins, so longer prefixes come first.
 PREFIXES = (
@@ -84,8 +85,9 @@ def shard_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
-    if (folder / INT8_WEIGHTS).exists():
-        return [folder / INT8_WEIGHTS]
+    for name in QUANTIZED_WEIGHTS.values():
+        if (folder / name).exists():
+            return [folder / name]
     if list(folder.glob("*.bin")):
         raise CheckpointError(f"{folder} holds only PyTorch .bin weights; convert them to safetensors first")
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
@@ -145,20 +147,26 @@ def load_weights(
 ) -> Lfm2Vl:
     """Build `Lfm2Vl` on the meta device and fill it strictly from the folder's safetensors.
 
-    With quantize="int8" each linear layer's weight is quantized as it is read (lfm2vl/quant.py), so
-    its float copy never exists beside the int8 one; everything else is cast to `dtype`. A
-    `prequantized` folder (written by `write_quantized`) holds the int8 tensors themselves.
+    With quantize="int8" / "int4" each linear layer's weight is quantized as it is read
+    (lfm2vl/quant.py), so its float copy never exists beside the quantized one; everything else is
+    cast to `dtype`. A `prequantized` folder (written by `write_quantized`, with quantize naming its
+    scheme) holds the quantized tensors themselves.
     """
     folder = Path(folder)
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
-    if prequantized:  # the checkpoint's layout is the int8 model's
-        replace_linears(model, dtype)
+    int4_head = quantize is not None and tied_int4_head(model, quantize)
+    if prequantized:  # the checkpoint's layout is the quantized model's
+        replace_linears(model, dtype, scheme=quantize)
         replace_embedding(model, dtype)
+        if int4_head:
+            add_int4_head(model, dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    quantized = set(linear_names(model)) if quantize is not None and not prequantized else set()
-    if quantized:
-        quantized.add("language_model.embed_tokens")  # an int8 table (a tied head reads it too)
+    quantized = {}  # layer -> "int8" | "int4", for layers quantized while reading
+    if quantize is not None and not prequantized:
+        shapes = {n: model.get_submodule(n).weight.shape for n in linear_names(model)}
+        quantized = {n: layer_kind(quantize, n, *shape) for n, shape in shapes.items()}
+        quantized["language_model.embed_tokens"] = "int8"  # an int8 table (a tied int8 head reads it too)
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched, where = [], [], {}
     for path in shard_files(folder):
@@ -171,8 +179,10 @@ def load_weights(
             elif name in expected:
                 if tuple(info["shape"]) != expected[name]:
                     mismatched.append(f"{key} ({path.name}): stored {tuple(info['shape'])}, model {expected[name]}")
-                elif name.endswith(".qweight") and info["dtype"] != "I8":
-                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, an int8 checkpoint needs I8")
+                elif name.endswith(".qweight") and info["dtype"] != QWEIGHT_DTYPES[_kind_of(model, name)]:
+                    kind = _kind_of(model, name)
+                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, an {kind} layer needs "
+                                      f"{QWEIGHT_DTYPES[kind]}")
                 elif name in where:
                     unexpected.append(f"{key} ({path.name}): duplicate of {where[name]}")
                 else:
@@ -184,8 +194,11 @@ def load_weights(
             name = map_key(key)
             layer = name.removesuffix(".weight")
             if layer in quantized and name.endswith(".weight"):
-                qweight, scale = quantize_weight(t)
-                state[f"{layer}.qweight"], state[f"{layer}.scale"] = qweight.to(device), scale.to(device, dtype)
+                for suffix, q in quantized_tensors(quantized[layer], t, dtype).items():
+                    state[f"{layer}.{suffix}"] = q.to(device)
+                if int4_head and layer == "language_model.embed_tokens":  # the tied head's own int4 copy
+                    for suffix, q in quantized_tensors("int4", t, dtype).items():
+                        state[f"lm_head.{suffix}"] = q.to(device)
             else:
                 state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             del t
@@ -197,61 +210,80 @@ def load_weights(
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
     if quantized:
-        replace_linears(model, dtype, sorted(quantized - {"language_model.embed_tokens"}))
+        replace_linears(model, dtype, sorted(set(quantized) - {"language_model.embed_tokens"}), quantize)
         replace_embedding(model, dtype)
+        if int4_head:
+            add_int4_head(model, dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    if quantize is not None or prequantized:
+    if quantize is not None:
         share_int8_head(model)
     return model.eval()
 
 
-# An int8 folder's weights file has its own name, so that transformers (which would fill every missing
-# float weight with random values and only warn) refuses the folder instead of loading noise.
-INT8_WEIGHTS = "model.int8.safetensors"
-QUANTIZATION_CONFIG = {"quant_method": "lfm2vl", "weights": "int8", "symmetric": True,
-                       "scales": "one per output channel of each linear layer, one per row of the embedding"}
+QWEIGHT_DTYPES = {"int8": "I8", "int4": "U8"}
 
 
-def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig) -> Path:
-    """An int8 copy of a checkpoint folder: `.qweight` (int8) + `.scale` (fp32) for every layer that
-    `lfm2vl.load(quantize="int8")` quantizes, the other tensors as stored, and config.json with a
-    `quantization_config`, in INT8_WEIGHTS. It loads straight into place (no float weights ever), but
-    only with lfm2vl."""
+def _kind_of(model: Lfm2Vl, qweight_name: str) -> str:
+    return "int4" if model.get_submodule(qweight_name.removesuffix(".qweight")).qweight.dtype == torch.uint8 else "int8"
+
+
+# A quantized folder's weights file has its own name, so that transformers (which would fill every
+# missing float weight with random values and only warn) refuses the folder instead of loading noise.
+QUANTIZED_WEIGHTS = {"int8": "model.int8.safetensors", "int4": "model.int4.safetensors"}
+QUANTIZATION_CONFIGS = {
+    "int8": {"quant_method": "lfm2vl", "weights": "int8", "symmetric": True,
+             "scales": "one per output channel of each linear layer, one per row of the embedding"},
+    "int4": {"quant_method": "lfm2vl", "weights": "int4", "group_size": 32, "symmetric": False,
+             "layout": "torch CPU int4pack (lfm2vl/quant.py)",
+             "layers": "language model and head int4 (.qweight U8 + .scales_zeros), vision and projector int8"},
+}
+
+
+def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig, scheme: str = "int8") -> Path:
+    """A quantized copy of a checkpoint folder: for every layer `lfm2vl.load(quantize=scheme)` quantizes,
+    its quantized buffers (int8: `.qweight` I8 + `.scale`; int4: `.qweight` U8 + `.scales_zeros`), the
+    other tensors as stored, and config.json with a `quantization_config`, in QUANTIZED_WEIGHTS[scheme].
+    It loads straight into place (no float weights ever), but only with lfm2vl."""
     src, dst = Path(src), Path(dst)
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
-    targets = set(linear_names(model)) | {"language_model.embed_tokens"}
+    kinds = {n: layer_kind(scheme, n, *model.get_submodule(n).weight.shape) for n in linear_names(model)}
+    kinds["language_model.embed_tokens"] = "int8"
+    int4_head = tied_int4_head(model, scheme)
     out: dict[str, torch.Tensor] = {}
     for path in shard_files(src):
         for key, t in iter_tensors(path):
             name = map_key(key)
             layer = None if name is None else name.removesuffix(".weight")
-            if name is not None and name.endswith(".weight") and layer in targets:
-                qweight, scale = quantize_weight(t)
+            if name is not None and name.endswith(".weight") and layer in kinds:
                 base = key[: -len("weight")]
-                out[base + "qweight"], out[base + "scale"] = qweight, scale
+                for suffix, q in quantized_tensors(kinds[layer], t, torch.float32).items():
+                    out[base + suffix] = q
+                if int4_head and layer == "language_model.embed_tokens":
+                    for suffix, q in quantized_tensors("int4", t, torch.float32).items():
+                        out[f"lm_head.{suffix}"] = q
             else:
                 out[key] = t
     dst.mkdir(parents=True, exist_ok=True)
     for old in list(dst.glob("model*.safetensors")) + list(dst.glob("model.safetensors.index.json")):
         old.unlink()
-    _atomic_save(out, dst / INT8_WEIGHTS)
-    config = json.loads((src / "config.json").read_text()) | {"quantization_config": QUANTIZATION_CONFIG}
+    _atomic_save(out, dst / QUANTIZED_WEIGHTS[scheme])
+    config = json.loads((src / "config.json").read_text()) | {"quantization_config": QUANTIZATION_CONFIGS[scheme]}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst
 
 
 def checkpoint_quantization(folder: str | Path) -> str | None:
-    """"int8" for a folder written by `write_quantized`; None for a float checkpoint, or for anything
-    that is not a local checkpoint folder (a Hub id not yet resolved)."""
+    """"int8" / "int4" for a folder written by `write_quantized`; None for a float checkpoint, or for
+    anything that is not a local checkpoint folder (a Hub id not yet resolved)."""
     path = Path(folder).expanduser() / "config.json"
     q = json.loads(path.read_text()).get("quantization_config") if path.exists() else None
     if q is None:
         return None
-    if q.get("quant_method") != "lfm2vl" or q.get("weights") != "int8":
-        raise CheckpointError(f"{folder}: quantization_config {q} is not one lfm2vl reads (it reads its own int8: "
-                              "lfm2vl quantize IN OUT); load the unquantized checkpoint instead")
-    return "int8"
+    if q.get("quant_method") != "lfm2vl" or q.get("weights") not in QUANTIZATION_CONFIGS:
+        raise CheckpointError(f"{folder}: quantization_config {q} is not one lfm2vl reads (it reads its own int8 "
+                              "and int4: lfm2vl quantize IN OUT); load the unquantized checkpoint instead")
+    return q["weights"]
 
 
 def hub_state_dict(model: Lfm2Vl) -> dict[str, torch.Tensor]:

@@ -77,9 +77,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare and args.model is not None:
         from ..weights import checkpoint_quantization
 
-        if checkpoint_quantization(args.model) is not None:
-            raise ValueError(f"--compare transformers cannot read the int8 checkpoint {args.model}: compare the "
-                             "float checkpoint with --quantize int8")
+        if (stored := checkpoint_quantization(args.model)) is not None:
+            raise ValueError(f"--compare transformers cannot read the {stored} checkpoint {args.model}: compare the "
+                             f"float checkpoint with --quantize {stored}")
     if args.compare == "transformers" and importlib.util.find_spec("transformers") is None:
         raise ValueError(INSTALL_REFERENCE)
     args._check_model_args(args)

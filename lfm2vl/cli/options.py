@@ -29,8 +29,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     g.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: as stored, but float32 on the CPU)")
-    g.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights for every linear layer: less memory, faster decoding (docs/performance.md)")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="int8: int8 weights for every linear layer (less memory, faster decoding); int4: the "
+                   "language model's in 4 bits (faster decoding still), the vision tower's in int8 "
+                   "(docs/performance.md)")
     g.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (adapter_config.json, from lfm2vl train --lora) applied at load")
 
@@ -122,9 +124,17 @@ def check_model_args(args: argparse.Namespace) -> None:
         bad = [t for t in stop_ids if not 0 <= t < vocab]
         raise UsageError(f"--stop-token-ids {' '.join(map(str, bad))}: this model's vocabulary has {vocab} tokens "
                          f"(ids 0 to {vocab - 1})")
-    if args.adapter is not None and args.model is not None and checkpoint_quantization(args.model) is not None:
-        raise UsageError(f"--adapter needs float weights to merge into, and {args.model} is an int8 checkpoint: give "
-                         "the unquantized --model with --adapter (and --quantize int8 if wanted)")
+    stored = checkpoint_quantization(args.model) if args.model is not None else None
+    if args.adapter is not None and stored is not None:
+        raise UsageError(f"--adapter needs float weights to merge into, and {args.model} is an {stored} checkpoint: "
+                         f"give the unquantized --model with --adapter (and --quantize {stored} if wanted)")
+    if stored is not None and args.quantize not in (None, stored):
+        raise UsageError(f"--quantize {args.quantize}: {args.model} is already an {stored} checkpoint (drop --quantize)")
+    if args.quantize == "int4":
+        from ..quant import int4_available
+
+        if (why := int4_available()) is not None:
+            raise UsageError(f"--quantize int4: {why}")
 
 
 def _vocab_size(model: str | None) -> int | None:

@@ -1,4 +1,4 @@
-"""`lfm2vl quantize IN OUT`: an int8 checkpoint that loads small and fast (docs/performance.md)."""
+"""`lfm2vl quantize IN OUT`: an int8 or int4 checkpoint that loads small and fast (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import Any
 
 
 def add_parser(make: Any) -> None:
-    q = make("quantize", help="write an int8 copy of a checkpoint (loads small and fast)",
-             description="Write an int8 copy of a checkpoint: every linear layer and the embedding as int8 with "
-             "per-channel scales (what --quantize int8 does at load time), plus the tokenizer and processor "
-             "files. Only lfm2vl reads the result.")
+    q = make("quantize", help="write an int8 or int4 copy of a checkpoint (loads small and fast)",
+             description="Write a quantized copy of a checkpoint (what --quantize does at load time): int8, every "
+             "linear layer and the embedding as int8 with per-channel scales; int4, the language model's layers "
+             "and head in 4 bits (groups of 32) and the rest as int8. The tokenizer and processor files are "
+             "copied. Only lfm2vl reads the result.")
     q.add_argument("input", help="checkpoint folder or Hub id")
     q.add_argument("output", help="folder to write (created)")
-    q.add_argument("--scheme", choices=("int8",), default="int8", help="(default: %(default)s)")
+    q.add_argument("--scheme", choices=("int8", "int4"), default="int8", help="(default: %(default)s)")
     q.set_defaults(func=cmd_quantize)
 
 

@@ -397,7 +397,9 @@ class Engine:
 
     def _sample(self, rows: list[_Active], logits: torch.Tensor) -> list[int]:
         """logits (B, V) -> one token per row, each with its own parameters and generator (one host read)."""
-        tokens = logits.argmax(-1)  # (B,): greedy rows without penalties need nothing else
+        # (B,): greedy rows without penalties need nothing else. In float32: the same argmax (the cast
+        # is exact) in a third of the time of a bf16 argmax over 65k logits on the CPU.
+        tokens = logits.float().argmax(-1)
         for i, a in enumerate(rows):
             p = a.request.params
             banned = a.banned if a.banned is not None and a.generated < p.min_new_tokens else None
