@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .budget import BudgetChoice
 from .completion import checkpoint_defaults, make_request, make_text_request, normalize_conversations
 from .config import Lfm2VlConfig
 from .engine import Completion, Engine, EngineConfig, EngineError, Request, RequestHandle
@@ -162,7 +163,7 @@ class Model:
     def _split_options(self, options: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
         sampling_keys = set(SamplingParams.__dataclass_fields__)
         image_keys = set(self.processor.settings.__dataclass_fields__) if self.processor is not None else set()
-        unknown = sorted(set(options) - sampling_keys - image_keys - {"preset"})
+        unknown = sorted(set(options) - sampling_keys - image_keys - {"preset", "latency_target"})
         if unknown:
             raise TypeError(
                 f"unknown option(s) {unknown}; sampling options: {sorted(sampling_keys)}; "
@@ -170,6 +171,14 @@ class Model:
             )
         sampling = {k: v for k, v in options.items() if k in sampling_keys}
         image = {k: v for k, v in options.items() if k in image_keys and v is not None}
+        target = options.get("latency_target")
+        if (image.get("max_image_tokens") == "auto") != (target is not None):
+            raise ValueError("max_image_tokens='auto' and latency_target=SECONDS go together: the image budget is "
+                             "then the largest whose predicted time to first token meets the target")
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < float("inf"):
+                raise ValueError(f"latency_target must be a positive number of seconds, got {target!r}")
+            image["latency_target"] = float(target)
         params = self.sampling_params(options.get("preset"), **sampling)
         vocab = self.config.text.vocab_size
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
@@ -198,7 +207,25 @@ class Model:
     def _request(self, conversation: list[dict], params: SamplingParams, image: dict[str, Any]):
         if self.processor is None:
             raise ValueError(f"{self.source} has no tokenizer.json / chat template: it cannot generate text")
+        if "latency_target" in image:
+            fixed = {k: v for k, v in image.items() if k not in ("latency_target", "max_image_tokens")}
+            image = self.plan_budget(conversation, image["latency_target"], **fixed).settings
         return make_request(self.processor, conversation, params, self.eos_token_ids, image)
+
+    def plan_budget(self, conversation: list[dict], latency_target: float, recalibrate: bool = False,
+                    **image_options: Any) -> BudgetChoice:
+        """The image budget `max_image_tokens="auto"` picks for this conversation: the largest whose predicted
+        time to first token on this device meets `latency_target` seconds (lfm2vl/budget.py). The first
+        call on a device calibrates it (a few seconds; cached); image options given stay fixed."""
+        from . import budget
+
+        if self.processor is None:
+            raise ValueError(f"{self.source} has no tokenizer.json / chat template: it cannot generate text")
+        prompt = self.processor.prompt(conversation, **image_options)
+        sizes = [(img.plan.width, img.plan.height) for img in prompt.images]
+        text_tokens = len(prompt.ids) - sum(img.tokens for img in prompt.images)
+        cal = budget.calibration(self, recalibrate=recalibrate)
+        return budget.choose(self.processor, cal, sizes, text_tokens, latency_target, image_options)
 
     def complete(self, messages: Any, **options: Any) -> list[Completion]:
         """Like `generate`, but returns `Completion`s (text, token ids, finish reason, token counts, timing)."""
@@ -221,6 +248,8 @@ class Model:
         repetition_penalty, seed, stop, stop_token_ids, min_new_tokens, ignore_eos, preset) and
         image settings (max_image_tokens, min_image_tokens, do_image_splitting, min_tiles,
         max_tiles, use_thumbnail, tile_size, max_pixels_tolerance, resample).
+        max_image_tokens="auto" with latency_target=SECONDS picks the largest image budget predicted to
+        answer within that time to first token on this device (`plan_budget`; docs/performance.md).
         """
         _, batched = normalize_conversations(messages)
         texts = [c.text for c in self.complete(messages, **options)]

@@ -282,7 +282,7 @@ def share_int8_head(module: nn.Module) -> None:
     again after a move or cast (`Model.to`), which converts the two modules' buffers separately."""
     table = module.language_model.embed_tokens
     head = getattr(module, "lm_head", "absent")
-    if isinstance(head, Int4Linear):  # an int4 head is its own table
+    if isinstance(head, Int4Linear) or not isinstance(table, Int8Embedding):  # own table, or not quantized
         return
     if isinstance(head, Int8Linear) and isinstance(table, Int8Embedding) and getattr(head, "tied", False):
         head._buffers["qweight"], head._buffers["scale"] = table.qweight, table.scale

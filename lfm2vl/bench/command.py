@@ -14,7 +14,7 @@ from typing import Any
 from .workload import IMAGE_SIDE, INSTALL_REFERENCE, NEW_TOKENS, PRESETS, PROMPT
 
 ROWS = (("preprocess_s", "preprocessing", "s"), ("vision_s", "vision", "s"), ("prefill_s", "LM prefill", "s"),
-        ("ttft_s", "time to first token", "s"), ("decode_tok_s", "decode", "tok/s"), ("total_s", "total", "s"),
+        ("ttft_s", "time to first token", "s"), ("predicted_ttft_s", "predicted TTFT", "s"), ("decode_tok_s", "decode", "tok/s"), ("total_s", "total", "s"),
         ("peak_rss_mb", "peak RSS", "MB"), ("image_tokens", "image tokens", ""), ("crops", "crops", ""))
 SWEEP_SIDES = (256, 512, 1024, 2048)
 SWEEP_TOKENS = (64, 128, 256)
@@ -39,6 +39,9 @@ def add_parser(make: Any, add_model_args: Any, check_model_args: Any) -> None:
                    help="also run the reference on the same weights and inputs, and print the ratios")
     b.add_argument("--plot", default=None, metavar="PNG", help="draw time and memory bars (the announcement's "
                    "figures 3 and 4) into this file")
+    b.add_argument("--latency-target", type=float, default=None, metavar="SECONDS",
+                   help="use the device-aware image budget (max_image_tokens auto) for this time to first token, "
+                   "and report its prediction beside the measurement (--compare runs the same budget)")
     b.add_argument("--sweep", action="store_true", help="also run the speed/quality knob: image side "
                    f"{list(SWEEP_SIDES)} x max image tokens {list(SWEEP_TOKENS)}")
     b.set_defaults(func=cmd_bench, _check_model_args=check_model_args)
@@ -64,6 +67,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ValueError("--warmup must be >= 0 and --threads >= 1")
+    if args.latency_target is not None and not 0 < args.latency_target < float("inf"):
+        raise ValueError("--latency-target must be a positive number of seconds")
+    if args.latency_target is not None and args.sweep:
+        raise ValueError("--sweep sets its own image budgets: drop --latency-target, or drop --sweep")
     if args.model is not None and args.preset is not None:
         raise ValueError("give --model or --preset, not both")
     if args.adapter is not None:
@@ -93,11 +100,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         image = workload_image(args.image, Path(tmp))
         spec = {"model": model, "image": str(image), "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
                 "device": args.device, "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(),
-                "quantize": args.quantize,
+                "quantize": args.quantize, "latency_target": args.latency_target,
                 "runs": args.runs, "warmup": args.warmup}
         results = [_run_side({**spec, "system": "lfm2vl"})]
+        if "image_settings" in results[0]:
+            spec["image_settings"] = results[0]["image_settings"]  # the reference runs the budget ours chose
+            print(f"image budget for a {args.latency_target:g} s target: {results[0]['image_settings']}",
+                  file=sys.stderr)
         if args.compare:
-            results.append(_run_side({**spec, "system": "transformers"}))
+            results.append(_run_side({**spec, "system": "transformers", "latency_target": None}))
         sweep = _sweep(spec, Path(tmp)) if args.sweep else None
     _print_table(results, args)
     summary = _summary(results, info, args, model)
@@ -158,6 +169,9 @@ def _summary(results: list[dict[str, Any]], info: dict, args: argparse.Namespace
     out = {"model": model, "preset": args.preset or (None if args.model else "450M"), "machine": info,
            **{k: ours.get(k) for k in ("total_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "preprocess_s",
                                        "vision_s", "prefill_s", "image_tokens", "crops", "dtype", "quantize", "threads")}}
+    for key in ("predicted_ttft_s", "image_settings", "latency_target_s", "meets_target"):
+        if key in ours:
+            out[key] = ours[key]
     if len(results) == 2:
         ref = results[1]
         out.update(ref_total_s=ref["total_s"], ref_ttft_s=ref["ttft_s"], ref_decode_tok_s=ref["decode_tok_s"],

@@ -72,8 +72,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             rows.append({"image_side": s["image_side"], **settings, **{k: r[k] for k in (
                 "image_tokens", "crops", "ttft_s", "total_s")}})
         return {"sweep": rows, "peak_rss_mb": peak_rss_mb()}
-    runs = measure(str(spec["image"]), spec.get("image_settings", {}), spec["warmup"], spec["runs"])
+    settings, predicted = spec.get("image_settings", {}), {}
+    if spec.get("latency_target") is not None:  # the device-aware budget: calibrate (cached), choose, then time it
+        choice = model.plan_budget(conversation(str(spec["image"]), spec["prompt"]), spec["latency_target"])
+        settings = choice.settings
+        predicted = {"predicted_ttft_s": choice.predicted_ttft_s, "image_settings": settings,
+                     "latency_target_s": spec["latency_target"], "meets_target": choice.meets_target}
+    runs = measure(str(spec["image"]), settings, spec["warmup"], spec["runs"])
     best = median_run(runs)
-    return {**best, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
+    return {**best, **predicted, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "quantize": is_quantized(model.module)}  # also set for an `lfm2vl quantize` checkpoint

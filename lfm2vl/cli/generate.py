@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from .options import check_model_args, generation_options, load_model, read_image_file, read_prompt
@@ -22,6 +23,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append(user_message(prompt, images))
+    budget = None
+    if opts.get("max_image_tokens") == "auto":  # pick it now, say what was picked, then use exactly that
+        fixed = {k: v for k, v in opts.items() if k in model.processor.settings.__dataclass_fields__}
+        fixed.pop("max_image_tokens")
+        target = opts.pop("latency_target")
+        budget = model.plan_budget(messages, target, **fixed)
+        opts = {k: v for k, v in opts.items() if k not in fixed and k != "max_image_tokens"} | budget.settings
+        verdict = "meets" if budget.meets_target else "is the smallest budget and still misses"
+        print(f"image budget: {budget.image_tokens} image tokens ({budget.settings}); predicted time to first "
+              f"token {budget.predicted_ttft_s:.2f} s {verdict} the {target:g} s target", file=sys.stderr)
     if args.stream:
         for piece in model.stream(messages, **opts):
             print(piece, end="", flush=True)
@@ -34,7 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "completion_tokens": result.completion_tokens, "cached_tokens": result.cached_tokens,
             "ttft_s": round(result.ttft_s, 4), "total_s": round(result.total_s, 4),
             "tokens_per_s": round(result.generation_tps, 2),
-        }))
+        } | ({"image_budget": budget.settings, "predicted_ttft_s": round(budget.predicted_ttft_s, 4)}
+             if budget is not None else {})))
     else:
         print(result.text)
     return 0

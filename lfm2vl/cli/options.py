@@ -58,8 +58,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past EOS")
     i = p.add_argument_group("image budget (defaults: the checkpoint's processor settings; docs/processing.md)")
     i.add_argument("--min-image-tokens", type=int, default=None, help="(default: 64)")
-    i.add_argument("--max-image-tokens", type=int, default=None,
-                   help="also sets the tiling threshold: a smaller budget can tile sooner (default: 256)")
+    i.add_argument("--max-image-tokens", type=_int_or_auto, default=None, metavar="N|auto",
+                   help="also sets the tiling threshold: a smaller budget can tile sooner; auto (with "
+                   "--latency-target): the largest budget predicted to meet the target (default: 256)")
+    i.add_argument("--latency-target", type=float, default=None, metavar="SECONDS",
+                   help="with --max-image-tokens auto: the time to first token to aim for; the first use on a "
+                   "device calibrates it (a few seconds, cached) (default: none)")
     i.add_argument("--tiling", dest="do_image_splitting", action=argparse.BooleanOptionalAction, default=None,
                    help="split large images into tiles (default: on)")
     i.add_argument("--min-tiles", type=int, default=None, help="(default: 2)")
@@ -76,6 +80,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    _option_flags={a.dest: a.option_strings[0] for a in actions})
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a whole number or auto") from None
+
+
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation keywords the user set, checked now (unset flags keep the checkpoint's defaults)."""
     from ..processing import ImageSettings
@@ -86,8 +99,12 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
         if key in opts:
             opts[key] = tuple(opts[key])
     image_keys = set(ImageSettings.__dataclass_fields__)
-    sampling = {k: v for k, v in opts.items() if k not in image_keys and k != "preset"}
-    image = {k: v for k, v in opts.items() if k in image_keys}
+    sampling = {k: v for k, v in opts.items() if k not in image_keys and k not in ("preset", "latency_target")}
+    image = {k: v for k, v in opts.items() if k in image_keys and v != "auto"}
+    if (opts.get("max_image_tokens") == "auto") != ("latency_target" in opts):
+        raise UsageError("--max-image-tokens auto and --latency-target SECONDS go together")
+    if "latency_target" in opts and not 0 < opts["latency_target"] < float("inf"):
+        raise UsageError(f"--latency-target must be a positive number of seconds, got {opts['latency_target']}")
     try:
         SamplingParams(**sampling)
         ImageSettings().with_overrides(**image)

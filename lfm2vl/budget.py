@@ -1,0 +1,196 @@
+"""The device-aware image budget: `max_image_tokens="auto"` with `latency_target=SECONDS`.
+
+The user-tunable speed/quality knob (min/max image tokens, tiling, number of tiles, thumbnail) made
+automatic: a short calibration of this device measures what vision and prefill cost (docs/performance.md),
+and each request gets the largest image budget whose *predicted* time to first token meets the target.
+
+Cost model (fitted by `calibrate`, each term measured through the engine as every request runs):
+- prefill: p0 + p1 * tokens (text and image tokens together);
+- vision: per crop of n patches, v1 * n + v2 * n^2 (the encoder's attention is quadratic in a crop).
+
+Candidates run from the checkpoint's own settings down: tiling with max_tiles from the default to
+min_tiles, then one crop with max_image_tokens from the default down to min_image_tokens in steps of 32.
+The result is cached per model, device, dtype, quantization, thread count, CPU and torch version in
+~/.cache/lfm2vl/calibration.json (`$LFM2VL_CACHE` moves it); `recalibrate=True` measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .processing.tiling import TilePlan
+
+TOKEN_STEP = 32  # the single-crop ladder: max_image_tokens from the default down in these steps
+
+
+@dataclass(frozen=True)
+class Calibration:
+    prefill_fixed_s: float  # p0
+    prefill_per_token_s: float  # p1
+    vision_per_patch_s: float  # v1
+    vision_per_patch2_s: float  # v2
+    measured_s: float = 0.0  # how long the calibration itself took
+
+    def vision_s(self, patches: int) -> float:
+        return self.vision_per_patch_s * patches + self.vision_per_patch2_s * patches**2
+
+    def ttft_s(self, text_tokens: int, plans: list[TilePlan]) -> float:
+        """Predicted time to first token of a prompt with `text_tokens` plus these images."""
+        tokens = text_tokens + sum(p.image_tokens for p in plans)
+        crops = [n for p in plans for n in (h * w for h, w in p.spatial_shapes)]
+        return self.prefill_fixed_s + self.prefill_per_token_s * tokens + sum(self.vision_s(n) for n in crops)
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    settings: dict[str, Any]  # image options for this request (max_image_tokens, do_image_splitting, ...)
+    image_tokens: int
+    predicted_ttft_s: float
+    latency_target_s: float
+    meets_target: bool  # False: even the smallest budget is predicted slower than the target
+
+
+def cache_file() -> Path:
+    root = Path(os.environ.get("LFM2VL_CACHE", Path.home() / ".cache" / "lfm2vl"))
+    return root / "calibration.json"
+
+
+def calibration_key(model: Any) -> str:
+    """What the costs depend on: the weights (path, size, time), device, dtype, quantization, threads, CPU, torch."""
+    src = Path(str(model.source)) if model.source is not None else None
+    files = sorted(src.glob("*.safetensors")) if src is not None and src.is_dir() else []
+    weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+    parts = [str(src), weights, str(model.device), str(model.dtype), model.quantization, torch.get_num_threads(),
+             platform.processor() or platform.machine(), _cpu_name(), torch.__version__]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _time_first_token(model: Any, request: Any) -> float:
+    return model.engine.submit(request).result().ttft_s
+
+
+def _random_image(side: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=g)  # unique: no image-cache hit
+
+
+def calibrate(model: Any, repeats: int = 2) -> Calibration:
+    """Measure prefill and vision costs on this device (a few seconds for LFM2-VL-450M on 2 cores).
+
+    Every prompt is new (random token ids, random pixels), so neither the prefix nor the image cache
+    answers; each point is the fastest of `repeats` runs after one warm-up.
+    """
+    start = time.perf_counter()
+    vocab = model.config.text.vocab_size
+    g = torch.Generator().manual_seed(1234)
+    seed = iter(range(10**6))
+
+    image_token = model.processor.image_token_id
+
+    def text_ttft(n: int) -> float:
+        ids = [i if i != image_token else i + 1 for i in torch.randint(100, vocab - 1, (n,), generator=g).tolist()]
+        return _time_first_token(model, model.text_request(ids, max_new_tokens=1))
+
+    def image_ttft(side: int) -> tuple[float, int, TilePlan]:
+        conv = [{"role": "user", "content": [{"type": "image", "image": _random_image(side, next(seed))},
+                                             {"type": "text", "text": "Describe."}]}]
+        request = model.request(conv, max_new_tokens=1, do_image_splitting=False, max_image_tokens=256,
+                                min_image_tokens=16)
+        return _time_first_token(model, request), len(request.ids), request.images[0].plan
+
+    text_ttft(32)  # warm-up: lazy initialisation, allocator
+    small, large = 64, 512
+    t_small = min(text_ttft(small) for _ in range(repeats))
+    t_large = min(text_ttft(large) for _ in range(repeats))
+    p1 = max((t_large - t_small) / (large - small), 0.0)
+    p0 = max(t_small - p1 * small, 0.0)
+    image_ttft(256)  # warm-up of the vision path
+    points = []
+    for side in (256, 512):
+        runs = [image_ttft(side) for _ in range(repeats)]
+        t, tokens, plan = min(runs, key=lambda r: r[0])
+        patches = plan.spatial_shapes[0][0] * plan.spatial_shapes[0][1]
+        points.append((patches, max(t - p0 - p1 * tokens, 0.0)))
+    (n1, t1), (n2, t2) = points  # solve v1 n + v2 n^2 = t through both points
+    v2 = (t2 / n2 - t1 / n1) / (n2 - n1)
+    v1 = t1 / n1 - v2 * n1
+    if v1 < 0 or v2 < 0:  # noise: fall back to linear through the larger point
+        v1, v2 = t2 / n2, 0.0
+    return Calibration(p0, p1, v1, v2, time.perf_counter() - start)
+
+
+def calibration(model: Any, recalibrate: bool = False) -> Calibration:
+    """The cached calibration of this model on this device, measured now if missing (or asked)."""
+    path, key = cache_file(), calibration_key(model)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if not recalibrate and isinstance(stored.get(key), dict):
+        try:
+            return Calibration(**stored[key])
+        except TypeError:
+            pass  # an older layout: measure again
+    cal = calibrate(model)
+    stored[key] = asdict(cal)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stored, indent=1))
+    tmp.replace(path)  # atomic: concurrent processes never read half a file
+    return cal
+
+
+def candidates(defaults: Any, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Image settings from the largest budget down; keys the user set (`fixed`) are never changed."""
+    out: list[dict[str, Any]] = []
+    splitting = fixed.get("do_image_splitting", defaults.do_image_splitting)
+    if splitting:
+        top = fixed.get("max_tiles", defaults.max_tiles)
+        low = fixed.get("min_tiles", defaults.min_tiles)
+        for tiles in range(top, low - 1, -1):
+            out.append({"do_image_splitting": True, "max_tiles": tiles, "min_tiles": min(low, tiles)})
+    if "do_image_splitting" not in fixed or not splitting:
+        top, low = defaults.max_image_tokens, fixed.get("min_image_tokens", defaults.min_image_tokens)
+        budgets = sorted({*range(top, low - 1, -TOKEN_STEP), low}, reverse=True)
+        out += [{"do_image_splitting": False, "max_image_tokens": b, "min_image_tokens": min(b, low)} for b in budgets]
+    return [{k: v for k, v in c.items() if k not in fixed} | fixed for c in out]
+
+
+def choose(processor: Any, cal: Calibration, sizes: list[tuple[int, int]], text_tokens: int,
+           latency_target_s: float, fixed: dict[str, Any]) -> BudgetChoice:
+    """The largest budget (most image tokens) predicted to meet the target; else the smallest one."""
+    scored, refused = [], None
+    for settings in candidates(processor.settings, fixed):
+        try:
+            plans = [processor.plan(w, h, **settings) for w, h in sizes]
+        except ValueError as e:  # e.g. an elongated image that a small budget cannot hold: not a candidate
+            refused = refused or e
+            continue
+        scored.append((sum(p.image_tokens for p in plans), cal.ttft_s(text_tokens, plans), settings))
+    if not scored:
+        raise refused
+    fitting = [s for s in scored if s[1] <= latency_target_s]
+    if fitting:
+        tokens, predicted, settings = max(fitting, key=lambda s: (s[0], -s[1]))
+    else:
+        tokens, predicted, settings = min(scored, key=lambda s: s[1])
+    return BudgetChoice(settings, tokens, predicted, latency_target_s, bool(fitting))
