@@ -1,11 +1,12 @@
 """The OpenAI-compatible app over `Model`'s engine (docs/serving.md).
 
 Routes: POST /v1/chat/completions and /v1/completions (streamed as Server-Sent Events or not),
-GET /v1/models, /v1/models/{id}, /health, /metrics. Requests are parsed and checked in protocol.py,
-images read within the operator's policy in images.py, then one engine request is submitted; its
-tokens arrive on this event loop as an async stream. A client that disconnects cancels its request
-(the slot is freed at the engine's next step). On shutdown (SIGTERM) uvicorn stops accepting, lets
-in-flight requests finish, then the engine's worker is stopped.
+GET /v1/models, /v1/models/{id}, /health, /metrics, and the chat page at / (ui/; off with --no-ui).
+Requests are parsed and checked in protocol.py, images read within the operator's policy in
+images.py, then one engine request is submitted; its tokens arrive on this event loop as an async
+stream. A client that disconnects cancels its request (the slot is freed at the engine's next step).
+On shutdown (SIGTERM) uvicorn stops accepting, lets in-flight requests finish, then the engine's
+worker is stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException
 from ..api import Model
 from ..engine import ContextOverflow, QueueFull, RequestHandle, StreamEvent
 from ..engine import Request as EngineRequest
-from . import protocol
+from . import protocol, ui
 from .errors import ApiError, error_body
 from .images import read_image
 from .metrics import CONTENT_TYPE, Metrics
@@ -175,6 +176,8 @@ def create_app(model: Model, settings: ServerSettings | None = None) -> FastAPI:
         return await _respond(request, handle, f"cmpl-{uuid.uuid4().hex}", "text_completion", name, choice,
                               bool(body.get("stream")), include_usage, metrics)
 
+    if settings.ui:  # the chat page at / (lfm2vl/server/ui/)
+        app.include_router(ui.router(model, settings))
     return app
 
 

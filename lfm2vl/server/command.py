@@ -15,8 +15,8 @@ def add_parser(make: Any, add_model_args: Any, check_model_args: Any, load_model
     model flags, their checks and its loader (which applies --adapter)."""
     v = make("serve", help="OpenAI-compatible HTTP server (docs/serving.md)",
                        description="Serve the model over OpenAI's API: POST /v1/chat/completions, /v1/completions; "
-                       "GET /v1/models, /health, /metrics. Defaults are safe on a laptop: 127.0.0.1 only, inline "
-                       "(data: URL) images only.")
+                       "GET /v1/models, /health, /metrics; a chat page at /. Defaults are safe on a laptop: 127.0.0.1 "
+                       "only, inline (data: URL) images only.")
     add_model_args(v)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 = every interface (default: %(default)s)")
     v.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -47,6 +47,7 @@ def add_parser(make: Any, add_model_args: Any, check_model_args: Any, load_model
     e.add_argument("--prefix-cache-mb", type=float, default=None,
                    help="prompt-state cache; 0 = off (default: 512 on CPU, 4096 on GPU)")
     v.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
+    v.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (default: served)")
     v.set_defaults(func=cmd_serve, _check_model_args=check_model_args, _load_model=load_model)
 
 
@@ -69,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         image_fetch_timeout_s=args.image_fetch_timeout, max_images=args.max_images,
         max_image_pixels=args.max_image_pixels, max_body_mb=args.max_body_mb,
         allowed_hosts=tuple(args.allowed_host) if _loopback(args.host) else None,
+        ui=not args.no_ui,
     )
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
@@ -83,8 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _loopback(args.host) and settings.api_key is None:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
+    page = "" if args.no_ui else f"; chat page: http://{args.host}:{args.port}/"
     print(f"lfm2vl serving {model.source} as {settings.served_model_name!r} on http://{args.host}:{args.port}/v1 "
-          f"({engine_config.max_slots} slots)", file=sys.stderr, flush=True)
+          f"({engine_config.max_slots} slots){page}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_config=_log_config(not args.no_access_log))
     return 0
 

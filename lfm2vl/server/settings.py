@@ -28,6 +28,7 @@ class ServerSettings:
     # Listening on loopback: answer only requests whose Host is a loopback name or one of these (a web
     # page cannot reach the API through DNS rebinding). Off (None) when listening on other addresses.
     allowed_hosts: tuple[str, ...] | None = None
+    ui: bool = True  # the chat page at / (lfm2vl/server/ui/); --no-ui turns it off (404)
 
     def __post_init__(self) -> None:
         checks = [
