@@ -16,6 +16,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -117,8 +118,29 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def iter_tensors(path: Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) read directly from the file, one at a time."""
+class StoredTensor:
+    """A 2-D tensor still in its file: `t[i:j]` reads rows i:j only. Quantizing one of these a block of
+    rows at a time never holds the float weight whole (the 65k-row embedding is 268 MB in fp32)."""
+
+    def __init__(self, f: Any, path: Path, key: str, offset: int, dtype: torch.dtype, shape: list[int]):
+        self.f, self.path, self.key, self.offset, self.dtype = f, path, key, offset, dtype
+        self.shape = torch.Size(shape)
+        self.device = torch.device("cpu")
+        self.row_bytes = self.shape[1] * torch.empty((), dtype=dtype).element_size()
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        buf = torch.empty(max(stop - start, 0) * self.row_bytes, dtype=torch.uint8)
+        self.f.seek(self.offset + start * self.row_bytes)
+        if self.f.readinto(memoryview(buf.numpy())) != buf.numel():
+            raise CheckpointError(f"{self.path}: truncated while reading tensor {self.key}")
+        return buf.view(self.dtype).reshape(-1, self.shape[1])
+
+
+def iter_tensors(path: Path, keys: list[str] | None = None, lazy: set[str] = frozenset()
+                 ) -> Iterator[tuple[str, torch.Tensor | StoredTensor]]:
+    """Yield (key, tensor) read directly from the file, one at a time; keys in `lazy` (2-D) come as
+    `StoredTensor`s, read by the consumer a block of rows at a time, before the next key is yielded."""
     header, start = read_header(path)
     with open(path, "rb", buffering=0) as f:
         for key in keys if keys is not None else list(header):
@@ -126,6 +148,9 @@ def iter_tensors(path: Path, keys: list[str] | None = None) -> Iterator[tuple[st
             if info["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
             a, b = info["data_offsets"]
+            if key in lazy and len(info["shape"]) == 2:
+                yield key, StoredTensor(f, path, key, start + a, _DTYPES[info["dtype"]], info["shape"])
+                continue
             buf = torch.empty(b - a, dtype=torch.uint8)
             f.seek(start + a)
             if f.readinto(memoryview(buf.numpy())) != b - a:
@@ -190,7 +215,8 @@ def load_weights(
                     where[name] = f"{key} in {path.name}"
         if unexpected or mismatched:
             continue  # keep collecting problems, skip the reading
-        for key, t in iter_tensors(path, wanted):
+        lazy = {k for k in wanted if map_key(k).endswith(".weight") and map_key(k).removesuffix(".weight") in quantized}
+        for key, t in iter_tensors(path, wanted, lazy):
             name = map_key(key)
             layer = name.removesuffix(".weight")
             if layer in quantized and name.endswith(".weight"):

@@ -14,13 +14,16 @@ class EngineConfig:
     max_len: int | None = None  # positions per slot (prompt + generated); None = the model's context
     initial_len: int = 512  # the cache starts this long per slot and doubles when a request needs more
     token_budget: int = 512  # tokens per step: the decode rows plus one prefill chunk
+    # ... when no request is decoding (no stream waits on the step): fewer, larger chunks, which matters
+    # most for quantized weights (each chunk widens every weight once; docs/performance.md)
+    solo_token_budget: int = 2048
     min_chunk: int = 32  # a prefill chunk is never smaller, however many rows decode
     image_cache_mb: float = 256.0
     prefix_cache_mb: float = 512.0
     max_queue: int | None = None  # submissions beyond this raise QueueFull (None = unbounded)
 
     def __post_init__(self) -> None:
-        for name in ("max_slots", "initial_len", "token_budget", "min_chunk"):
+        for name in ("max_slots", "initial_len", "token_budget", "solo_token_budget", "min_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         if self.max_len is not None and self.max_len < 2:

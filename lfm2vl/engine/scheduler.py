@@ -353,7 +353,8 @@ class Engine:
     def _prefill_chunk(self, a: _Active) -> None:
         start = self.cache.host_lengths[a.slot]
         decoding = sum(not x.prefilling for x in self._active.values())
-        size = max(self.config.min_chunk, self.config.token_budget - decoding)
+        budget = self.config.token_budget if decoding else max(self.config.token_budget, self.config.solo_token_budget)
+        size = max(self.config.min_chunk, budget - decoding)
         end = min(a.n_prompt, start + size)
         last = end == a.n_prompt
         # The chunk that ends the prompt also keeps the conv state one token earlier: the boundary a
