@@ -50,7 +50,7 @@ def main() -> None:
            "text": teacher_forced(fp32, int8, texts)}
     for name, model in (("fp32", fp32), ("int8", int8)):
         s = evaluate(model, "easyvqa", limit=args.limit, progress=False)
-        out[f"easyvqa_{name}"] = round(100 * s["score"], 2)
+        out[f"easyvqa_{name}"] = round(s["score"], 2)  # the summary score is in percent
         out["easyvqa_n"] = s["n"]
     out["easyvqa_delta_points"] = round(out["easyvqa_int8"] - out["easyvqa_fp32"], 2)
     t = out["text"]

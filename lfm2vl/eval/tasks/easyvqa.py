@@ -1,14 +1,22 @@
 """easy-VQA (PyPI `easy-vqa`): 64x64 shapes, 13 one-word answers; exact match after normalising case/space.
 
 Test split: 1,000 images / 9,673 questions. The same conversation format feeds training (SFT)
-and evaluation, so what the bundled model learns is exactly what is scored here.
+and evaluation, so what the bundled model learns is exactly what is scored here. Built in: no --data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from ..sample import Sample, accuracy_summary
 
 NAME = "easyvqa"
+BUILTIN = True
+COLUMNS = ()
+MAX_NEW_TOKENS = 8
+METRIC = "accuracy (%)"
+SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -30,12 +38,9 @@ def conversation(image: str, question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
-SPLITS = ("train", "test")
-
-
 def examples(split: str = "test", limit: int | None = None) -> list[Example]:
     ev = _dataset()
-    if split not in ("train", "test"):
+    if split not in SPLITS:
         raise ValueError(f"easyvqa has splits 'train' and 'test', not {split!r}")
     questions, answers, image_ids = ev.get_train_questions() if split == "train" else ev.get_test_questions()
     paths = ev.get_train_image_paths() if split == "train" else ev.get_test_image_paths()
@@ -46,9 +51,22 @@ def examples(split: str = "test", limit: int | None = None) -> list[Example]:
     return out[:limit] if limit else out
 
 
+def builtin_samples(split: str = "test") -> list[Sample]:
+    return [Sample(ex.id, ex.messages, {"answer": ex.answer}, ex.messages[0]["content"][0]["image"])
+            for ex in examples(split)]
+
+
 def normalize(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .!")
 
 
-def score(prediction: str, answer: str) -> float:
+def match(prediction: str, answer: str) -> float:
     return float(normalize(prediction) == normalize(answer))
+
+
+def score(record: dict[str, Any]) -> float:
+    return match(record["prediction"], record["answer"])
+
+
+def aggregate(records: list[dict]) -> dict[str, Any]:
+    return accuracy_summary(records, key="_none")
