@@ -22,8 +22,8 @@ nothing). Decode reads half the int8 bytes: torch's int4 weight-only kernel
 (`_weight_int4pack_mm_for_cpu`) streams 46 G weights/s here against 27 for int8 (AMD EPYC with
 AVX512-BF16, benchmarks/bench_kernels.py). Above INT4_KERNEL_ROWS rows the layer unpacks its weight
 to bfloat16 and multiplies there (the int4 kernel is 3.6x slower than bf16 at 1,024 rows). A layer
-whose shape the kernel cannot take (out % 64, in % INT4_GROUP) stays int8. A tied head gets its own
-int4 copy of the embedding table (the table itself stays int8 for lookups).
+whose shape the kernel cannot take (out % 64, in % INT4_GROUP) stays int8. A tied head is an int4
+table that the token embedding reads its rows from (one copy, like int8's shared table).
 """
 
 from __future__ import annotations
@@ -169,6 +169,15 @@ class Int4Linear(nn.Module):
         scale, zero = self.scales_zeros.to(dtype).permute(2, 1, 0)  # 2 x (out, in/G)
         return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the dequantized weight, (..., in) bf16: a tied head read as an embedding table."""
+        n, k = self.out_features, self.in_features
+        flat = ids.reshape(-1)
+        b = self.qweight.view(n // 64, k, 32)[flat // 64, :, flat % 32]  # (T, in) bytes holding each row's nibbles
+        q = torch.where((flat % 64 >= 32)[:, None], b >> 4, b & 15).view(-1, k // INT4_GROUP, INT4_GROUP)
+        scale, zero = self.scales_zeros[:, flat].to(torch.bfloat16).permute(2, 1, 0)  # 2 x (T, in/G)
+        return ((q.to(torch.bfloat16) - 8) * scale[..., None] + zero[..., None]).view(*ids.shape, k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
@@ -229,11 +238,26 @@ def tied_int4_head(module: nn.Module, scheme: str) -> bool:
     return scheme == "int4" and getattr(module, "lm_head", None) is None and int4_fits(*dims)
 
 
+class Int4TiedEmbedding(nn.Module):
+    """Token embeddings read from a tied int4 head (`Int4Linear.rows`): the table exists once, in the head."""
+
+    def __init__(self, head: Int4Linear, dtype: torch.dtype):
+        super().__init__()
+        self.__dict__["head"] = head  # a reference, not a submodule: the head owns (and saves) the table
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("dtype_of_output", torch.empty(0, dtype=dtype), persistent=False)  # follows .to()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(ids).to(self.dtype_of_output.dtype)  # (..., D)
+
+
 def add_int4_head(module: nn.Module, dtype: torch.dtype) -> None:
-    """An empty int4 head shell for a tied model (loading fills it from the embedding's weight)."""
+    """A tied model's int4 head (an empty shell: loading fills it from the embedding's weight) and the
+    embedding that reads it."""
     table = module.language_model.embed_tokens
-    module.lm_head = Int4Linear(table.embedding_dim, table.num_embeddings, False, dtype,
-                                table.qweight.device if hasattr(table, "qweight") else table.weight.device)
+    head = Int4Linear(table.embedding_dim, table.num_embeddings, False, dtype, table.weight.device)
+    module.lm_head = head
+    module.language_model.embed_tokens = Int4TiedEmbedding(head, dtype)
 
 
 def is_quantized(module: nn.Module) -> str | None:
@@ -302,12 +326,14 @@ def quantize_model(module: nn.Module, scheme: str = "int8", dtype: torch.dtype |
     device = next(module.parameters()).device
     dtype = dtype or compute_dtype(device)
     text = module.language_model
-    if tied_int4_head(module, scheme):
-        module.lm_head = Int4Linear.from_weight(text.embed_tokens.weight, None, dtype)
     for name in linear_names(module):  # from the weights' own precision, before any cast
         old = module.get_submodule(name)
         cls = Int4Linear if layer_kind(scheme, name, old.out_features, old.in_features) == "int4" else Int8Linear
         module.set_submodule(name, cls.from_weight(old.weight, old.bias, dtype))
-    text.embed_tokens = Int8Embedding.from_weight(text.embed_tokens.weight, dtype)
+    if tied_int4_head(module, scheme):
+        module.lm_head = Int4Linear.from_weight(text.embed_tokens.weight, None, dtype)
+        text.embed_tokens = Int4TiedEmbedding(module.lm_head, dtype)
+    else:
+        text.embed_tokens = Int8Embedding.from_weight(text.embed_tokens.weight, dtype)
     share_int8_head(module)
     return module.to(dtype)  # the rest (int8 buffers stay int8)

@@ -53,8 +53,12 @@ def test_int4_keeps_the_vision_tower_int8_and_unfit_shapes_int8():
              if type(m).__name__.endswith("Linear") and not name.endswith("patch_embedding")}  # KEEP: float
     assert all(k == "Int4Linear" for n, k in kinds.items() if n.startswith("language_model.")), kinds
     assert all(k == "Int8Linear" for n, k in kinds.items() if n.startswith(("vision_tower.", "multi_modal"))), kinds
-    assert kinds["lm_head"] == "Int4Linear"  # the tied head's own int4 copy; lookups read the int8 table
-    assert type(model.language_model.embed_tokens).__name__ == "Int8Embedding"
+    assert kinds["lm_head"] == "Int4Linear"  # a tied head: the one int4 table, which the embedding reads
+    table = model.language_model.embed_tokens
+    assert type(table).__name__ == "Int4TiedEmbedding" and table.head is model.lm_head
+    assert not any(k.startswith("language_model.embed_tokens") for k in model.state_dict())
+    ids = torch.tensor([[0, 5, 63, 64, 100, 1023]])  # rows from both nibbles of several blocks
+    assert torch.equal(table(ids)[0].bfloat16(), model.lm_head.dequantized()[ids[0]])
     assert layer_kind("int4", "language_model.layers.0.conv.in_proj", 100, 128) == "int8"  # out % 64
     assert layer_kind("int4", "language_model.layers.0.conv.in_proj", 128, 48) == "int8"  # in % group
 
