@@ -241,6 +241,9 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
         (dict(messages=hi, frobnicate=1), 400, "unknown_parameter"),
         (dict(messages=hi, top_logprobs=3), 400, None),
         (dict(messages=[]), 400, None),
+        (dict(messages=hi, max_image_tokens="auto"), 400, None),  # auto needs latency_target
+        (dict(messages=hi, max_image_tokens="auto", latency_target=-1), 400, None),
+        (dict(messages=hi, max_image_tokens="lots"), 400, None),
     ]
     for body, status, code in cases:
         got, _, payload = _post(server, "/v1/chat/completions", body)
@@ -268,6 +271,10 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(server):
     assert info.value.body["code"] == "invalid_image"
     ok = _client(server).chat.completions.create(model="lfm2vl", messages=[_remote_message(CIRCLE)], max_tokens=8)
     assert ok.choices[0].message.content == "circle"
+    auto = _client(server).chat.completions.create(  # the device-aware budget (calibrates on first use)
+        model="lfm2vl", messages=[_remote_message(CIRCLE)], max_tokens=8,
+        extra_body={"max_image_tokens": "auto", "latency_target": 5.0})
+    assert auto.choices[0].message.content == "circle"
     assert _client(server).models.list().data[0].id == "lfm2vl"
     assert _client(server).models.retrieve("lfm2vl").id == "lfm2vl"
 

@@ -18,7 +18,8 @@ from .settings import ServerSettings
 log = logging.getLogger("lfm2vl.server")
 PROTECTED = "/v1/"  # the API; /health, /metrics and the page stay open
 # Metric labels: known routes only, so that made-up paths cannot grow the series without bound.
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+          "/", "/ui/app.js", "/ui/style.css", "/ui/config")  # the last four: the chat page (ui/)
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
 
 

@@ -75,9 +75,19 @@ def sampling_options(body: dict) -> dict[str, Any]:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ApiError(400, f"{key} must be a finite number, got {value!r}", key)
             opts[name] = float(value)
+    target = body.get("latency_target")  # with max_image_tokens "auto": the device-aware budget (Model.plan_budget)
+    if target is not None:
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < math.inf:
+            raise ApiError(400, f"latency_target must be a positive number of seconds, got {target!r}",
+                           "latency_target")
+        opts["latency_target"] = float(target)
+    if (body.get("max_image_tokens") == "auto") != (target is not None):
+        raise ApiError(400, 'max_image_tokens "auto" and latency_target (seconds) go together', "latency_target")
     for key, name in {**INT_FIELDS, **{k: k for k in IMAGE_INT_FIELDS}}.items():
         value = body.get(key)
-        if value is not None:
+        if key == "max_image_tokens" and value == "auto":
+            opts[name] = value
+        elif value is not None:
             if not _is_int(value):
                 raise ApiError(400, f"{key} must be an integer, got {value!r}", key)
             opts[name] = value
@@ -128,7 +138,7 @@ def completion_logprobs(body: dict) -> int | None:
 
 
 CHAT_FIELDS = {"n", "max_tokens", "max_completion_tokens", "stop", "stop_token_ids", "logprobs", "top_logprobs",
-               *FLOAT_FIELDS, *INT_FIELDS, *BOOL_FIELDS, *IMAGE_INT_FIELDS, *IMAGE_BOOL_FIELDS}
+               "latency_target", *FLOAT_FIELDS, *INT_FIELDS, *BOOL_FIELDS, *IMAGE_INT_FIELDS, *IMAGE_BOOL_FIELDS}
 
 
 def check_chat_fields(body: dict) -> None:
@@ -136,8 +146,8 @@ def check_chat_fields(body: dict) -> None:
 
 
 def check_completion_fields(body: dict) -> None:
-    _check_known(body, CHAT_FIELDS - {"top_logprobs", "max_completion_tokens"} - set(IMAGE_INT_FIELDS)
-                 - set(IMAGE_BOOL_FIELDS))
+    _check_known(body, CHAT_FIELDS - {"top_logprobs", "max_completion_tokens", "latency_target"}
+                 - set(IMAGE_INT_FIELDS) - set(IMAGE_BOOL_FIELDS))
 
 
 def chat_messages(body: dict, max_images: int) -> tuple[list[dict], list[tuple[str, str]]]:
