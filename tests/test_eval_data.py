@@ -197,3 +197,55 @@ def test_missing_pyarrow_names_the_install(tmp_path, monkeypatch):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataError, match="pip install pyarrow"):
         read_rows(tmp_path / "d.parquet")
+
+
+class _ScriptedJudge:
+    """Grades by the kind of prompt it gets, and records the prompts."""
+
+    model = "scripted-judge"
+
+    def __init__(self):
+        self.prompts = []
+
+    def complete(self, messages, **params):
+        content = messages[-1]["content"]
+        text = content if isinstance(content, str) else content[0]["text"]
+        self.prompts.append((text, content if not isinstance(content, str) else None))
+        if "Ground Truth List" in text:
+            return "right" if "cat" in text.split("Response from the model:")[1].split("\n")[0] else "wrong"
+        if "<start of constraint list>" in text:
+            return "Judgement: fine.\nSummary: Score of constraint_1: 1/1, Score of constraint_2: 0/1."
+        return 'Reasoning: differs.\nSummary: "True"'
+
+
+def test_mmifeval_levels_rules_and_aux_rows(tmp_path):
+    constraints = [{"key": "tone", "value": "be formal", "judge": {"method": "direct_gpt"}},
+                   {"key": "length", "value": "2 paragraphs", "judge": {"method": "direct_gpt"}},
+                   {"key": "words", "value": "at most 5 words", "judge": {"method": "rule_based", "verify_funcs": [
+                       {"func": "check_whether_response_word_count_in_range", "params": [1, 5]}]}},
+                   {"key": "end", "value": "end with 'Done.'", "judge": {"method": "rule_based", "verify_funcs": [
+                       {"func": "check_whether_whole_response_end_with_certain_substring", "params": ["Done."]}]}},
+                   {"key": "style", "value": "use a metaphor", "judge": {"method": "cmp_gpt"}}]
+    rows = [{"index": 0, "id": "p1", "image": str(CIRCLE), "question": "What animal?", "tag": "P-Level",
+             "answer": json.dumps(["cat"]), "infer_type": "main"},
+            {"index": 1, "id": "p2", "image": str(CIRCLE), "question": "Which animal?", "tag": "P-Level",
+             "answer": json.dumps(["cat"]), "infer_type": "main"},
+            {"index": 2, "id": "c1", "image": str(TRIANGLE), "question": "Describe it formally.", "tag": "C-Level",
+             "constraints": json.dumps(constraints), "infer_type": "main"},
+            {"index": 3, "id": "c1", "image": str(TRIANGLE), "question": "Describe it.", "tag": "C-Level",
+             "constraints": json.dumps(constraints), "infer_type": "aux_cmp_gpt", "del_cons": "style"}]
+    path = tmp_path / "mmif.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = {"What animal?": "A cat.", "Which animal?": "A dog.", "formally": "A triangle it is. Done.",
+               "Describe it.": "triangle"}
+    judge = _ScriptedJudge()
+    s = harness.evaluate(task="mmifeval", data=path, backend=Scripted(answers), judge=judge, out=tmp_path / "o",
+                         progress=False)
+    # P-Level: right, wrong; C-Level: direct 1 + 0, words 1 (5 words), end 1, cmp 1 -> 4/5
+    assert s["n"] == 3 and s["categories"] == {"P-Level": 50.0, "C-Level": 80.0}
+    assert s["score"] == pytest.approx(100 * (1 + 0 + 0.8) / 3, abs=1e-4)
+    c_prompt = next(p for p in judge.prompts if "<start of constraint list>" in p[0])
+    assert "Constraint_1: be formal\nConstraint_2: 2 paragraphs" in c_prompt[0]
+    assert c_prompt[1][1]["image_url"]["url"].startswith("data:image/png;base64,")  # the judge sees the image
+    cmp = next(p for p in judge.prompts if "<start of constraint>" in p[0])[0]
+    assert "under the constraint>\nA triangle it is. Done.\n" in cmp and "without the constraint>\ntriangle\n" in cmp
