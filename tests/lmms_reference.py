@@ -61,7 +61,6 @@ def root() -> Path:
             sys.modules.get("lmms_eval.tasks"), "_lfm2vl_stub", False):
         pkg = _stub("lmms_eval.tasks", __path__=[str(base / "tasks")], _lfm2vl_stub=True)
         sys.modules["lmms_eval"].tasks = pkg
-    _stub("loguru", logger=_Logger())
 
     class _Dummy:
         def __init__(self, *a, **k):
@@ -74,20 +73,29 @@ def root() -> Path:
     _stub("lmms_eval.filters.transformation", MapFilter=_Dummy)
     _stub("lmms_eval.verifiers", VerificationPipeline=_Dummy)
     _stub("lmms_eval.verifiers.openai", OpenAIVerifier=_Dummy)
-    if "pandas" not in sys.modules:
-        try:
-            import pandas  # noqa: F401
-        except ImportError:
-            _stub("pandas", DataFrame=_Frame)
     return base
 
 
 @functools.cache
 def task_utils(task: str) -> types.ModuleType:
-    """lmms_eval/tasks/<task>/utils.py (imported as lmms_eval.tasks.<task>.utils)."""
+    """lmms_eval/tasks/<task>/utils.py (imported as lmms_eval.tasks.<task>.utils).
+
+    pandas and loguru are stubbed only while the module imports (it keeps what it took from them): a
+    stub left in sys.modules would mislead other libraries' checks for pandas (pyarrow, transformers)."""
     base = root()
     _stub(f"lmms_eval.tasks.{task}", __path__=[str(base / "tasks" / task)])
-    return importlib.import_module(f"lmms_eval.tasks.{task}.utils")
+    saved = {name: sys.modules.get(name) for name in ("pandas", "loguru")}
+    try:
+        if importlib.util.find_spec("pandas") is None:
+            _stub("pandas", DataFrame=_Frame)
+        _stub("loguru", logger=_Logger())
+        return importlib.import_module(f"lmms_eval.tasks.{task}.utils")
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
 
 
 def mcq_mmmu() -> types.ModuleType:

@@ -48,6 +48,8 @@ def add_parser(make: Any) -> None:
 
 
 def _check_args(args: argparse.Namespace, task: Any) -> None:
+    if getattr(task, "BUILTIN", False) and args.data is not None:
+        raise UsageError(f"--data: {args.task} is built in (its data comes with the easy-vqa package); drop --data")
     splits = getattr(task, "SPLITS", None)
     if splits is not None and args.split not in splits:
         raise UsageError(f"--split {args.split}: {args.task} has the splits {', '.join(splits)}")
