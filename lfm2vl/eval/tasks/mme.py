@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data import column
 from ..sample import Sample, conversation, group_key
 
 NAME = "mme"
