@@ -1,10 +1,13 @@
 """Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant.py chooses from.
 
 One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, with the weight in
-fp32, bf16, and int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply,
-and torch's dynamic int8 `quantize_dynamic`), in milliseconds with the weight hot in cache; then
-the rate at which decode can stream weights from memory (50 different weights, cold; int8, int4
-weight-only and bf16): the bound on decode speed, since every token reads every weight once.
+fp32, bf16, int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply,
+torch's dynamic int8 `quantize_dynamic`) and int4 (lfm2vl's Int4Linear: torch's int4 kernel, and
+unpack-to-bf16-and-multiply), in milliseconds with the weight hot in cache; then the rate at which
+decode can stream weights from memory (50 different weights, cold; int8, int4 weight-only and
+bf16): the bound on decode speed, since every token reads every weight once. Last, one decode
+step of attention (one query, 16 heads over 8 KV heads, 1,400 keys) in bf16: SDPA against
+lfm2vl's `one_query_attention`, and one conv-layer tap: conv1d against the dot product.
 
     python benchmarks/bench_kernels.py
 
@@ -24,6 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import cpu_flags  # noqa: E402
+
+from lfm2vl.quant import INT4_GROUP, Int4Linear  # noqa: E402
 
 K, N = 1024, 6656
 
@@ -46,6 +51,7 @@ def hot() -> dict[int, dict[str, float]]:
     w = linear.weight.detach()
     scale = w.abs().amax(1) / 127
     w8, sb, wb = torch.round(w / scale[:, None]).to(torch.int8), scale.bfloat16(), w.bfloat16()
+    q4 = Int4Linear.from_weight(w, None, torch.bfloat16)
     out = {}
     with torch.inference_mode():
         for rows in (1, 8, 64, 1024):
@@ -58,6 +64,9 @@ def hot() -> dict[int, dict[str, float]]:
                 "int8_gemv": timed(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb), reps),
                 "int8_widen_bf16": timed(lambda: F.linear(xb, w8.to(torch.bfloat16)) * sb, reps),
                 "int8_dynamic": timed(lambda: dynamic(x), reps),
+                "int4_kernel": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    xb, q4.qweight, INT4_GROUP, q4.scales_zeros), reps),
+                "int4_unpack_bf16": timed(lambda: F.linear(xb, q4.dequantized()), reps),
             }
     return out
 
@@ -84,15 +93,31 @@ def cold(layers: int = 50) -> dict[str, float]:
     return rates
 
 
+def decode_ops() -> dict[str, float]:
+    """Microseconds of one decode step's attention (bf16) and conv tap, each way."""
+    from lfm2vl.model.text import one_query_attention
+
+    q, k, v = (torch.randn(1, h, n, 64).bfloat16() for h, n in ((16, 1), (8, 1400), (8, 1400)))
+    full, w = torch.randn(1, 1024, 3).bfloat16(), torch.randn(1024, 1, 3).bfloat16()
+    with torch.inference_mode():
+        return {name: timed(fn, 200) * 1e3 for name, fn in (
+            ("attention_sdpa", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
+            ("attention_one_query", lambda: one_query_attention(q, k, v, None)),
+            ("conv_conv1d", lambda: F.conv1d(full, w, None, groups=1024)),
+            ("conv_dot", lambda: (full * w[:, 0]).sum(-1, keepdim=True)),
+        )}
+
+
 def main() -> None:
     print(f"cpu: {cpu_flags()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads")
-    h, c = hot(), cold()
+    h, c, d = hot(), cold(), decode_ops()
     print(f"{K} -> {N}, ms (weight hot in cache):")
     print(f"{'rows':>6}" + "".join(f"{k:>17}" for k in h[1]))
     for rows, r in h.items():
         print(f"{rows:>6}" + "".join(f"{v:>17.3f}" for v in r.values()))
     print("streaming from memory (cold): " + ", ".join(f"{k} {v:.1f} G weights/s" for k, v in c.items()))
-    print(json.dumps({"hot_ms": h, "cold_g_weights_per_s": c}))
+    print("decode step, us: " + ", ".join(f"{k} {v:.1f}" for k, v in d.items()))
+    print(json.dumps({"hot_ms": h, "cold_g_weights_per_s": c, "decode_us": d}))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Quality of int8 weights against fp32 (a benchmark, not a test): teacher-forced next-token top-1
-agreement and KL(fp32 || int8) on a text corpus, and easy-VQA accuracy, for the bundled model (the
-one trained model this workplace has; full-size checkpoints here carry random weights, whose
-outputs mean nothing).
+"""Quality of int8 and int4 weights against fp32 (a benchmark, not a test): teacher-forced next-token
+top-1 agreement and KL(fp32 || quantized) on a text corpus, and easy-VQA accuracy, for the bundled
+model (the one trained model this workplace has; full-size checkpoints here carry random weights,
+whose outputs mean nothing).
 
-    python benchmarks/quant_quality.py [--texts 200] [--limit N]
+    python benchmarks/quant_quality.py [--texts 200] [--limit N] [--schemes int8 int4]
 
 The corpus: docstrings of the standard library (the text the bundled model saw in training), cut
 into 64-token windows. Prints a summary, then one JSON line.
@@ -21,7 +21,7 @@ from lfm2vl.eval.harness import evaluate
 from lfm2vl.train.bundled_recipe import stdlib_docstrings
 
 
-def teacher_forced(fp32, int8, texts: list[str], window: int = 64) -> dict[str, float]:
+def teacher_forced(fp32, quantized, texts: list[str], window: int = 64) -> dict[str, float]:
     tok = fp32.processor.text_tokenizer
     agree = total = 0
     kl_sum = 0.0
@@ -32,7 +32,7 @@ def teacher_forced(fp32, int8, texts: list[str], window: int = 64) -> dict[str, 
                 continue
             x = torch.tensor([ids])
             a = fp32.module(x).float().log_softmax(-1)[0]  # (T, V)
-            b = int8.module(x).float().log_softmax(-1)[0]
+            b = quantized.module(x).float().log_softmax(-1)[0]
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             kl_sum += float((a.exp() * (a - b)).sum(-1).sum())
             total += len(ids)
@@ -43,21 +43,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--limit", type=int, default=None, help="easy-VQA questions (default: the whole test split)")
+    ap.add_argument("--schemes", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
     args = ap.parse_args()
-    fp32, int8 = lfm2vl.load(), lfm2vl.load(quantize="int8")
+    fp32 = lfm2vl.load()
     texts = stdlib_docstrings()[: args.texts]
-    out = {"model": "bundled", "int8_dtype": str(int8.dtype).removeprefix("torch."),
-           "text": teacher_forced(fp32, int8, texts)}
-    for name, model in (("fp32", fp32), ("int8", int8)):
-        s = evaluate(model, "easyvqa", limit=args.limit, progress=False)
-        out[f"easyvqa_{name}"] = round(s["score"], 2)  # the summary score is in percent
-        out["easyvqa_n"] = s["n"]
-    out["easyvqa_delta_points"] = round(out["easyvqa_int8"] - out["easyvqa_fp32"], 2)
-    t = out["text"]
-    print(f"teacher-forced on {t['tokens']} tokens: top-1 agreement {100 * t['top1_agreement']:.2f}%, "
-          f"mean KL {t['mean_kl']:.5f} nats; easy-VQA ({out['easyvqa_n']} questions): fp32 {out['easyvqa_fp32']}%, "
-          f"int8 {out['easyvqa_int8']}% ({out['easyvqa_delta_points']:+.2f} points)")
+    out = {"model": "bundled", "easyvqa_fp32": _easyvqa(fp32, args.limit)}
+    print(f"easy-VQA fp32: {out['easyvqa_fp32']['score']}% of {out['easyvqa_fp32']['n']} questions")
+    for scheme in args.schemes:
+        q = lfm2vl.load(quantize=scheme)
+        t = teacher_forced(fp32, q, texts)
+        vqa = _easyvqa(q, args.limit)
+        out[scheme] = {"dtype": str(q.dtype).removeprefix("torch."), "text": t, "easyvqa": vqa,
+                       "easyvqa_delta_points": round(vqa["score"] - out["easyvqa_fp32"]["score"], 2)}
+        print(f"{scheme}: teacher-forced on {t['tokens']} tokens: top-1 agreement {100 * t['top1_agreement']:.2f}%, "
+              f"mean KL {t['mean_kl']:.5f} nats; easy-VQA {vqa['score']}% "
+              f"({out[scheme]['easyvqa_delta_points']:+.2f} points)")
     print(json.dumps(out))
+
+
+def _easyvqa(model, limit: int | None) -> dict[str, float]:
+    s = evaluate(model, "easyvqa", limit=limit, progress=False)
+    return {"score": round(s["score"], 2), "n": s["n"]}  # the summary score is in percent
 
 
 if __name__ == "__main__":

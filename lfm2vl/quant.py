@@ -61,8 +61,24 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
     return qweight, scale
 
 
-class Int8Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    KIND = ""
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> _QuantizedLinear:
+        """A layer holding `weight` (out, in) quantized as this class does, and `bias`."""
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype, weight.device)
+        for name, t in quantized_tensors(cls.KIND, weight.detach(), dtype).items():
+            getattr(layer, name).copy_(t)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+
+class Int8Linear(_QuantizedLinear):
     """y = x W^T + b with W int8 (out, in) and a per-output-channel scale: W ~= qweight * scale[:, None]."""
+
+    KIND = "int8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -71,16 +87,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int8Linear:
-        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype, weight.device)
-        qweight, scale = quantize_weight(weight.detach())
-        layer.qweight.copy_(qweight)
-        layer.scale.copy_(scale)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        return layer
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
@@ -139,8 +145,10 @@ def quantize_int4(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     return packed.to(weight.device), sz.to(weight.device)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """y = x W^T + b with W in 4 bits: W[o, i] ~= (q[o, i] - 8) * scale[i // G, o] + zero[i // G, o]."""
+
+    KIND = "int4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -151,16 +159,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_zeros", torch.empty(in_features // INT4_GROUP, out_features, 2,
                                                          dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-
-    @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Int4Linear:
-        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dtype, weight.device)
-        packed, sz = quantize_int4(weight.detach())
-        layer.qweight.copy_(packed)
-        layer.scales_zeros.copy_(sz)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        return layer
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (out, in) weight the kernel multiplies by, in `dtype`."""

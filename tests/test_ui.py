@@ -12,9 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -27,6 +24,7 @@ import pytest
 
 pytest.importorskip("fastapi")  # as tests/test_server.py: no server without the serve extra
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from test_server import _serve as serve_process  # noqa: E402  (one way to start a server, for both files)
 
 ROOT = Path(__file__).parent.parent
 UI = ROOT / "lfm2vl/server/ui"
@@ -38,33 +36,11 @@ WAIT_MS = 30_000  # the longest any step may take before the test fails
 
 
 # -- the server ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _serve(*flags: str):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lfm2vl", "serve", "--port", str(port), *flags], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "LFM2VL_DEBUG": "", "LFM2VL_API_KEY": ""})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read())
+    """A real `lfm2vl serve` process (tests/test_server.py starts it), yielding its base URL."""
+    with serve_process(*flags) as (base, _):
         yield base
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def preset_checkpoint(preset: str, seed: int = 0, progress: bool = True) -> Path
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: choose from {sorted(PRESETS)}")
     folder = cache_dir() / f"{PRESETS[preset]}-random-seed{seed}"
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+    weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+    if (folder / "config.json").exists() and weights:  # the 1.6B is saved in shards (an index)
         return folder
     if progress:
         print(f"(building {PRESETS[preset]} with random weights in {folder}; once)", file=sys.stderr, flush=True)
