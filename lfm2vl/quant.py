@@ -28,6 +28,8 @@ table that the token embedding reads its rows from (one copy, like int8's shared
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,8 +114,9 @@ def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % 64 == 0 and in_features % INT4_GROUP == 0
 
 
+@functools.cache  # a property of this torch: checked once, however many loads and CLI checks ask
 def int4_available() -> str | None:
-    """None when this torch has the CPU int4 kernel with the packing `unpack_int4` reads, else why not."""
+    """None when this torch has the CPU int4 kernel with the packing `_unpack_nibbles` reads, else why not."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return f"torch {torch.__version__} has no CPU int4 kernel (_weight_int4pack_mm_for_cpu): use int8"
     probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
@@ -128,6 +131,14 @@ def _unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     is (k, 32) bytes: byte [kk, j] holds row j in its low nibble and row 32 + j in its high one."""
     b = packed.view(n // 64, k, 32)
     return torch.stack((b & 15, b >> 4), 1).transpose(2, 3).reshape(n, k)
+
+
+def _dequantize_groups(q: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q (R, in) in 0..15 and scales_zeros (in/G, R, 2) -> (R, in) weights (q - 8) * scale + zero, in `dtype`."""
+    r, k = q.shape
+    scale, zero = scales_zeros.to(dtype).permute(2, 1, 0)  # 2 x (R, in/G)
+    q = q.view(r, k // INT4_GROUP, INT4_GROUP).to(dtype)
+    return ((q - 8) * scale[..., None] + zero[..., None]).view(r, k)
 
 
 def quantize_int4(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,19 +173,16 @@ class Int4Linear(_QuantizedLinear):
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (out, in) weight the kernel multiplies by, in `dtype`."""
-        n, k = self.out_features, self.in_features
-        q = _unpack_nibbles(self.qweight, n, k).view(n, k // INT4_GROUP, INT4_GROUP).to(dtype)
-        scale, zero = self.scales_zeros.to(dtype).permute(2, 1, 0)  # 2 x (out, in/G)
-        return ((q - 8) * scale[..., None] + zero[..., None]).view(n, k)
+        q = _unpack_nibbles(self.qweight, self.out_features, self.in_features)  # (out, in)
+        return _dequantize_groups(q, self.scales_zeros, dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight, (..., in) bf16: a tied head read as an embedding table."""
         n, k = self.out_features, self.in_features
         flat = ids.reshape(-1)
         b = self.qweight.view(n // 64, k, 32)[flat // 64, :, flat % 32]  # (T, in) bytes holding each row's nibbles
-        q = torch.where((flat % 64 >= 32)[:, None], b >> 4, b & 15).view(-1, k // INT4_GROUP, INT4_GROUP)
-        scale, zero = self.scales_zeros[:, flat].to(torch.bfloat16).permute(2, 1, 0)  # 2 x (T, in/G)
-        return ((q.to(torch.bfloat16) - 8) * scale[..., None] + zero[..., None]).view(*ids.shape, k)
+        q = torch.where((flat % 64 >= 32)[:, None], b >> 4, b & 15)  # (T, in)
+        return _dequantize_groups(q, self.scales_zeros[:, flat], torch.bfloat16).view(*ids.shape, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -209,10 +217,7 @@ def quantized_tensors(kind: str, weight: torch.Tensor, dtype: torch.dtype) -> di
     return {"qweight": qweight, "scale": scale.to(dtype)}
 
 
-def shell(kind: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-          device: torch.device | str | None) -> nn.Module:
-    cls = Int4Linear if kind == "int4" else Int8Linear
-    return cls(in_features, out_features, bias, dtype, device)
+LINEAR = {"int8": Int8Linear, "int4": Int4Linear}  # layer kind -> its module
 
 
 def linear_names(module: nn.Module) -> list[str]:
@@ -224,9 +229,8 @@ def replace_linears(module: nn.Module, dtype: torch.dtype, names: list[str] | No
     """Swap the named nn.Linear layers for empty quantized shells on the same device (loading fills them)."""
     for name in linear_names(module) if names is None else names:
         old = module.get_submodule(name)
-        kind = layer_kind(scheme, name, old.out_features, old.in_features)
-        module.set_submodule(name, shell(kind, old.in_features, old.out_features, old.bias is not None, dtype,
-                                         old.weight.device))
+        cls = LINEAR[layer_kind(scheme, name, old.out_features, old.in_features)]
+        module.set_submodule(name, cls(old.in_features, old.out_features, old.bias is not None, dtype, old.weight.device))
 
 
 def tied_int4_head(module: nn.Module, scheme: str) -> bool:
@@ -326,7 +330,7 @@ def quantize_model(module: nn.Module, scheme: str = "int8", dtype: torch.dtype |
     text = module.language_model
     for name in linear_names(module):  # from the weights' own precision, before any cast
         old = module.get_submodule(name)
-        cls = Int4Linear if layer_kind(scheme, name, old.out_features, old.in_features) == "int4" else Int8Linear
+        cls = LINEAR[layer_kind(scheme, name, old.out_features, old.in_features)]
         module.set_submodule(name, cls.from_weight(old.weight, old.bias, dtype))
     if tied_int4_head(module, scheme):
         module.lm_head = Int4Linear.from_weight(text.embed_tokens.weight, None, dtype)

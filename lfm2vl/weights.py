@@ -207,6 +207,7 @@ def load_weights(
         else:
             replace_embedding(model, dtype)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    integer = {k: v.dtype for k, v in model.state_dict().items() if not v.is_floating_point()}  # qweights
     quantized = {}  # layer -> "int8" | "int4", for layers quantized while reading
     if quantize is not None and not prequantized:
         shapes = {n: model.get_submodule(n).weight.shape for n in linear_names(model)}
@@ -225,10 +226,9 @@ def load_weights(
             elif name in expected:
                 if tuple(info["shape"]) != expected[name]:
                     mismatched.append(f"{key} ({path.name}): stored {tuple(info['shape'])}, model {expected[name]}")
-                elif name.endswith(".qweight") and info["dtype"] != QWEIGHT_DTYPES[_kind_of(model, name)]:
-                    kind = _kind_of(model, name)
-                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, an {kind} layer needs "
-                                      f"{QWEIGHT_DTYPES[kind]}")
+                elif name in integer and _DTYPES.get(info["dtype"]) != integer[name]:
+                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, the model holds "
+                                      f"{str(integer[name]).removeprefix('torch.')} there")
                 elif name in where:
                     unexpected.append(f"{key} ({path.name}): duplicate of {where[name]}")
                 else:
@@ -236,7 +236,7 @@ def load_weights(
                     where[name] = f"{key} in {path.name}"
         if unexpected or mismatched:
             continue  # keep collecting problems, skip the reading
-        lazy = {k for k in wanted if map_key(k).endswith(".weight") and map_key(k).removesuffix(".weight") in quantized}
+        lazy = {k for k in wanted if (n := map_key(k)).endswith(".weight") and n.removesuffix(".weight") in quantized}
         for key, t in iter_tensors(path, wanted, lazy):
             name = map_key(key)
             layer = name.removesuffix(".weight")
@@ -266,13 +266,6 @@ def load_weights(
     if quantize is not None:
         share_int8_head(model)
     return model.eval()
-
-
-QWEIGHT_DTYPES = {"int8": "I8", "int4": "U8"}
-
-
-def _kind_of(model: Lfm2Vl, qweight_name: str) -> str:
-    return "int4" if model.get_submodule(qweight_name.removesuffix(".qweight")).qweight.dtype == torch.uint8 else "int8"
 
 
 # A quantized folder's weights file has its own name, so that transformers (which would fill every
