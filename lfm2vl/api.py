@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .budget import BudgetChoice
+from .budget import BudgetChoice, check_target
 from .completion import checkpoint_defaults, make_request, make_text_request, normalize_conversations
 from .config import Lfm2VlConfig
 from .engine import Completion, Engine, EngineConfig, EngineError, Request, RequestHandle
@@ -171,14 +171,9 @@ class Model:
             )
         sampling = {k: v for k, v in options.items() if k in sampling_keys}
         image = {k: v for k, v in options.items() if k in image_keys and v is not None}
-        target = options.get("latency_target")
-        if (image.get("max_image_tokens") == "auto") != (target is not None):
-            raise ValueError("max_image_tokens='auto' and latency_target=SECONDS go together: the image budget is "
-                             "then the largest whose predicted time to first token meets the target")
+        target = check_target(image.get("max_image_tokens"), options.get("latency_target"))
         if target is not None:
-            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < float("inf"):
-                raise ValueError(f"latency_target must be a positive number of seconds, got {target!r}")
-            image["latency_target"] = float(target)
+            image["latency_target"] = target
         params = self.sampling_params(options.get("preset"), **sampling)
         vocab = self.config.text.vocab_size
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]

@@ -59,6 +59,19 @@ class BudgetChoice:
     meets_target: bool  # False: even the smallest budget is predicted slower than the target
 
 
+def check_target(max_image_tokens: Any, latency_target: Any) -> float | None:
+    """The latency target in seconds (None without one); "auto" and a target go together. The API, the
+    command line and the server all check with this (they name the fields in their own words)."""
+    if (max_image_tokens == "auto") != (latency_target is not None):
+        raise ValueError("max_image_tokens auto and latency_target SECONDS go together")
+    if latency_target is None:
+        return None
+    number = isinstance(latency_target, (int, float)) and not isinstance(latency_target, bool)
+    if not number or not 0 < latency_target < float("inf"):
+        raise ValueError(f"latency_target must be a positive number of seconds, got {latency_target!r}")
+    return float(latency_target)
+
+
 def cache_file() -> Path:
     root = Path(os.environ.get("LFM2VL_CACHE", Path.home() / ".cache" / "lfm2vl"))
     return root / "calibration.json"

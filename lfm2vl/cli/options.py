@@ -91,6 +91,7 @@ def _int_or_auto(text: str) -> int | str:
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation keywords the user set, checked now (unset flags keep the checkpoint's defaults)."""
+    from ..budget import check_target
     from ..processing import ImageSettings
     from ..sampling import SamplingParams
 
@@ -101,11 +102,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     image_keys = set(ImageSettings.__dataclass_fields__)
     sampling = {k: v for k, v in opts.items() if k not in image_keys and k not in ("preset", "latency_target")}
     image = {k: v for k, v in opts.items() if k in image_keys and v != "auto"}
-    if (opts.get("max_image_tokens") == "auto") != ("latency_target" in opts):
-        raise UsageError("--max-image-tokens auto and --latency-target SECONDS go together")
-    if "latency_target" in opts and not 0 < opts["latency_target"] < float("inf"):
-        raise UsageError(f"--latency-target must be a positive number of seconds, got {opts['latency_target']}")
     try:
+        check_target(opts.get("max_image_tokens"), opts.get("latency_target"))
         SamplingParams(**sampling)
         ImageSettings().with_overrides(**image)
     except ValueError as e:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ..budget import check_target
 from ..sampling import MAX_LOGPROBS
 from .errors import ApiError
 
@@ -75,14 +76,12 @@ def sampling_options(body: dict) -> dict[str, Any]:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ApiError(400, f"{key} must be a finite number, got {value!r}", key)
             opts[name] = float(value)
-    target = body.get("latency_target")  # with max_image_tokens "auto": the device-aware budget (Model.plan_budget)
+    try:  # with max_image_tokens "auto": the device-aware budget (Model.plan_budget)
+        target = check_target(body.get("max_image_tokens"), body.get("latency_target"))
+    except ValueError as e:
+        raise ApiError(400, str(e), "latency_target") from None
     if target is not None:
-        if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < math.inf:
-            raise ApiError(400, f"latency_target must be a positive number of seconds, got {target!r}",
-                           "latency_target")
-        opts["latency_target"] = float(target)
-    if (body.get("max_image_tokens") == "auto") != (target is not None):
-        raise ApiError(400, 'max_image_tokens "auto" and latency_target (seconds) go together', "latency_target")
+        opts["latency_target"] = target
     for key, name in {**INT_FIELDS, **{k: k for k in IMAGE_INT_FIELDS}}.items():
         value = body.get(key)
         if key == "max_image_tokens" and value == "auto":
