@@ -39,6 +39,7 @@ KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's i
 SMALL_ROWS = 8  # at or below: the int8 GEMV kernel; above: widen and multiply (measured crossover ~8-16)
 INT4_GROUP = 32  # input weights per (scale, zero) pair (llama.cpp's Q4 block size)
 INT4_KERNEL_ROWS = 96  # at or below: the int4 kernel; above: unpack to bf16 (measured crossover ~128)
+WIDEN_BLOCK_BYTES = 4 * 2**20  # many-row calls widen this much of a weight at a time (see widened_linear)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -61,6 +62,29 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
         scale[i : i + chunk_rows] = s
         qweight[i : i + chunk_rows] = torch.round(block / s[:, None]).clamp_(-127, 127).to(torch.int8)
     return qweight, scale
+
+
+def widened_linear(x2: torch.Tensor, out_features: int, widen, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 (M, in) @ W^T -> (M, out) for many rows, with W widened to x2's dtype a block of output rows
+    at a time: `widen(i, j)` gives rows [i, j) of W as (j - i, in). Widening the whole weight at
+    once held it (and oneDNN's reordered copy of it) beside the activations: on the 1.6B's 2,048 x
+    8,192 layers that was 66 MB of transients per call and most of the int8 prefill's peak above
+    its weights (docs/performance.md). The block (WIDEN_BLOCK_BYTES, whole 64-row groups) stays in
+    cache, and the products are the same row by row. `scale` (out,) multiplies the output columns."""
+    m, k = x2.shape
+    rows = max(64, WIDEN_BLOCK_BYTES // (k * x2.element_size()) // 64 * 64)
+    if rows >= out_features:
+        y = F.linear(x2, widen(0, out_features))
+        return y if scale is None else y * scale
+    y = x2.new_empty(m, out_features)
+    for i in range(0, out_features, rows):
+        j = min(i + rows, out_features)
+        part = F.linear(x2, widen(i, j))  # (M, j - i)
+        if scale is None:
+            y[:, i:j] = part
+        else:
+            torch.mul(part, scale[i:j], out=y[:, i:j])
+    return y
 
 
 class _QuantizedLinear(nn.Module):
@@ -100,7 +124,7 @@ class Int8Linear(_QuantizedLinear):
         if x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)  # (M, out)
         else:
-            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scale
+            y = widened_linear(x2, self.out_features, lambda i, j: self.qweight[i:j].to(x2.dtype), self.scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
@@ -171,10 +195,14 @@ class Int4Linear(_QuantizedLinear):
                                                          dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
-    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The (out, in) weight the kernel multiplies by, in `dtype`."""
-        q = _unpack_nibbles(self.qweight, self.out_features, self.in_features)  # (out, in)
-        return _dequantize_groups(q, self.scales_zeros, dtype)
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) (whole 64-row blocks, or to the end) of the (out, in) weight the kernel
+        multiplies by, in `dtype`."""
+        end = self.out_features if end is None else end
+        k = self.in_features
+        packed = self.qweight.view(self.out_features // 64, k // 2 * 64)[start // 64 : -(-end // 64)]
+        q = _unpack_nibbles(packed, packed.shape[0] * 64, k)[: end - start]  # (end - start, in)
+        return _dequantize_groups(q, self.scales_zeros[:, start:end], dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight, (..., in) bf16: a tied head read as an embedding table."""
@@ -191,7 +219,7 @@ class Int4Linear(_QuantizedLinear):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); .to: a no-op unless the model was cast
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros.to(torch.bfloat16))
         else:
-            y = F.linear(x2.to(torch.bfloat16), self.dequantized())
+            y = widened_linear(x2.to(torch.bfloat16), self.out_features, lambda i, j: self.dequantized(torch.bfloat16, i, j))
         y = y.to(x.dtype if self.bias is None else self.bias.dtype)
         if self.bias is not None:
             y = y + self.bias

@@ -140,8 +140,9 @@ def test_one_query_attention_is_sdpa():
     mask = mask[:, None, None, :]  # (B, 1, 1, S)
     for m in (None, mask):
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
-        assert torch.allclose(one_query_attention(q, k, v, m), expected, atol=1e-5)
-        got = one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), m).float()
+        kt = k.transpose(-1, -2)  # the cache's K^T layout
+        assert torch.allclose(one_query_attention(q, kt, v, m), expected, atol=1e-5)
+        got = one_query_attention(q.bfloat16(), kt.bfloat16(), v.bfloat16(), m).float()
         assert torch.allclose(got, expected, atol=3e-2), (got - expected).abs().max()
 
 

@@ -1,7 +1,10 @@
 """HybridCache: the decoding state of LFM2's two layer kinds for a fixed number of independent slots.
 
-- attention layers: K (after q/k-norm and RoPE) and V, (S, Hkv, max_len, Dh), written in place
-  by index (slot, position), so rows of one batch may sit at different lengths;
+- attention layers: K (after q/k-norm and RoPE) as (S, Hkv, Dh, max_len) and V as (S, Hkv, max_len, Dh),
+  written in place by index (slot, position), so rows of one batch may sit at different lengths. K is
+  stored transposed because a decode step multiplies the query by K^T: over the first n positions
+  that is a plain strided matrix, where the (max_len, Dh) layout made torch's bf16 CPU matmul copy
+  every layer's keys on every token (benchmarks/bench_kernels.py, docs/performance.md);
 - conv layers: the last K-1 values of the gated input B*x, (S, D, K-1) (mlx-lm's choice; the
   reference keeps K, of which only K-1 matter);
 - each slot's length, on the device (for the writes and RoPE positions, no host sync) and on the
@@ -56,8 +59,8 @@ class HybridCache:
     ):
         self.cfg, self.slots, self.device, self.dtype = cfg, slots, torch.device(device), dtype
         self.max_len = 0
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
+        self.kt: dict[int, torch.Tensor] = {}  # layer -> (S, Hkv, Dh, max_len)
+        self.v: dict[int, torch.Tensor] = {}  # layer -> (S, Hkv, max_len, Dh)
         self.conv = {
             i: torch.zeros(slots, cfg.hidden_size, cfg.conv_L_cache - 1, device=device, dtype=dtype)
             for i in cfg.conv_layers
@@ -73,13 +76,13 @@ class HybridCache:
         if max_len <= self.max_len:
             return
         c = self.cfg
-        shape = (self.slots, c.num_key_value_heads, max_len, c.head_dim)
-        for store in (self.k, self.v):
-            for i in c.attention_layers:
-                new = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                if i in store:
-                    new[:, :, : self.max_len] = store[i]
-                store[i] = new
+        for i in c.attention_layers:
+            kt = torch.zeros(self.slots, c.num_key_value_heads, c.head_dim, max_len, device=self.device, dtype=self.dtype)
+            v = torch.zeros(self.slots, c.num_key_value_heads, max_len, c.head_dim, device=self.device, dtype=self.dtype)
+            if i in self.kt:
+                kt[..., : self.max_len] = self.kt[i]
+                v[:, :, : self.max_len] = self.v[i]
+            self.kt[i], self.v[i] = kt, v
         positions = torch.arange(max_len, device=self.device)
         self.cos, self.sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, self.dtype)  # (L, Dh)
         self.max_len = max_len
@@ -96,7 +99,7 @@ class HybridCache:
         """Copy out KV rows [0, length) of `slot`; the conv state is the slot's current one unless given."""
         if length > self.host_lengths[slot]:
             raise ValueError(f"slot {slot} holds {self.host_lengths[slot]} positions, not {length}")
-        k = {i: t[slot, :, :length].clone() for i, t in self.k.items()}
+        k = {i: t[slot, :, :, :length].transpose(-1, -2).contiguous() for i, t in self.kt.items()}
         v = {i: t[slot, :, :length].clone() for i, t in self.v.items()}
         if conv is None:
             conv = self.conv_snapshot(slot)
@@ -108,8 +111,8 @@ class HybridCache:
     def write_prefix(self, slot: int, state: PrefixState, length: int, conv: dict[int, torch.Tensor]) -> None:
         """Load KV rows [0, length) of `state` and the conv state captured at `length` into `slot`."""
         self.grow(length)
-        for i, t in self.k.items():
-            t[slot, :, :length] = state.k[i][:, :length]
+        for i, t in self.kt.items():
+            t[slot, :, :, :length] = state.k[i][:, :length].transpose(-1, -2)
             self.v[i][slot, :, :length] = state.v[i][:, :length]
         for i, t in self.conv.items():
             t[slot].copy_(conv[i])
@@ -165,14 +168,16 @@ class CacheView:
         return self.cache.cos[self.positions][:, None], self.cache.sin[self.positions][:, None]
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, Dh) at each row's positions; returns (B, Hkv, kv_len, Dh) with the past."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        """Store k, v (B, Hkv, T, Dh) at each row's positions; returns K^T (B, Hkv, Dh, kv_len) and
+        V (B, Hkv, kv_len, Dh) with the past, as strided views of the cache where the rows allow."""
+        kt, vc = self.cache.kt[layer], self.cache.v[layer]
         rows = self.index[:, None]  # (B, 1) broadcast against positions (B, T)
-        kc[rows, :, self.positions] = k.transpose(1, 2)  # (B, T, Hkv, Dh)
+        # advanced indices at dims 0 and 3 (K^T) or 0 and 2 (V) put (B, T) first: values are (B, T, Hkv, Dh)
+        kt[rows, :, :, self.positions] = k.transpose(1, 2)
         vc[rows, :, self.positions] = v.transpose(1, 2)
         if self.block is not None:
-            return kc[self.block, :, : self.kv_len], vc[self.block, :, : self.kv_len]
-        return kc[:, :, : self.kv_len].index_select(0, self.index), vc[:, :, : self.kv_len].index_select(0, self.index)
+            return kt[self.block, ..., : self.kv_len], vc[self.block, :, : self.kv_len]
+        return kt[..., : self.kv_len].index_select(0, self.index), vc[:, :, : self.kv_len].index_select(0, self.index)
 
     def conv_state(self, layer: int) -> torch.Tensor:
         """(B, D, K-1): the last K-1 values of B*x of each row."""

@@ -41,17 +41,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention for one new token per row: q (B, H, 1, Dh), k/v (B, Hkv, S, Dh), mask (B, 1, 1, S) or None.
+def one_query_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention for one new token per row: q (B, H, 1, Dh), K^T kt (B, Hkv, Dh, S), v (B, Hkv, S, Dh),
+    mask (B, 1, 1, S) or None.
 
-    Two batched matmuls with a float32 softmax. Used for half precision on the CPU, where torch's
-    flash kernel takes ~10x longer for a single query (1.3 ms against 0.14 ms at 1,400 keys in
-    bf16, benchmarks/bench_kernels.py); grouped query heads h = kv * G + g, as SDPA's enable_gqa.
+    Two batched matmuls with a float32 softmax, over the cache's own strided views (K is cached
+    transposed, cache.py). The decode step of every dtype and device: torch's CPU flash kernel takes
+    ~8x longer for a single query, and would need K copied back to (S, Dh) first
+    (benchmarks/bench_kernels.py); grouped query heads h = kv * G + g, as SDPA's enable_gqa.
     """
     b, h, _, dh = q.shape
-    hkv = k.shape[1]
+    hkv = kt.shape[1]
     qg = q.reshape(b, hkv, h // hkv, dh) * dh**-0.5  # (B, Hkv, G, Dh)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float()  # (B, Hkv, G, S)
+    scores = torch.matmul(qg, kt).float()  # (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, h, 1, dh)
@@ -77,13 +79,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
-            k, v = ctx.cache.kv(self.layer_idx, k, v)  # (B, Hkv, S, Dh) with the past in front
-        if t == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
-            o = one_query_attention(q, k, v, ctx.attn_mask)  # (B, H, 1, Dh)
-        else:
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_heads != self.n_kv
-            )  # (B, H, T, Dh)
+            kt, v = ctx.cache.kv(self.layer_idx, k, v)  # K^T (B, Hkv, Dh, S), V (B, Hkv, S, Dh) with the past
+            if t == 1:
+                o = one_query_attention(q, kt, v, ctx.attn_mask)  # (B, H, 1, Dh)
+                return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+            k = kt.transpose(-1, -2).contiguous()  # SDPA's kernels want (S, Dh) rows: one copy per chunk
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_heads != self.n_kv
+        )  # (B, H, T, Dh)
         return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
