@@ -11,7 +11,6 @@ sharded with an index above `max_shard_size`, readable by transformers 4.57 / 5.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import Lfm2VlConfig
+from .memory import release_freed_memory
 from .model.lfm2vl import Lfm2Vl
 from .quant import (add_int4_head, layer_kind, linear_names, quantized_tensors, replace_embedding, replace_linears,
                     share_int8_head, tied_int4_head)
@@ -117,24 +117,6 @@ def read_header(path: Path) -> tuple[dict, int]:
             "the download is incomplete, delete the file and fetch it again"
         )
     return header, 8 + n
-
-
-def _libc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand memory that was freed back to the OS (glibc keeps freed blocks of its heaps). Quantizing while
-    loading frees a float block for every weight it keeps; without this the process holds 100-200 MB of
-    them, and a different amount on every run (measured peaks 643-850 MB for the same int4 load)."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 class StoredTensor:

@@ -103,6 +103,28 @@ def test_greedy_tokens_and_finish_reason():
         assert c.prompt_tokens == len(p)
 
 
+def test_going_idle_after_work_returns_freed_memory_at_most_once_an_interval(monkeypatch):
+    from lfm2vl.engine import scheduler
+
+    trims = []
+    monkeypatch.setattr(scheduler, "release_freed_memory", lambda: trims.append(1))
+    e = engine(max_slots=2)
+    e.step()  # idle without work: nothing to return
+    assert trims == []
+    a, b = e.submit(req(PROMPTS[0], 5)), e.submit(req(PROMPTS[1], 5))
+    while not (a.done and b.done):
+        e.step()
+        assert trims == [] or (a.done and b.done)  # never while a request is running
+    assert len(trims) == 1  # the step that went idle
+    e.step()
+    assert len(trims) == 1  # idle again, but nothing ran since
+    e.submit(req(PROMPTS[2], 3)).result()
+    assert len(trims) == 1  # within TRIM_INTERVAL_S of the last trim
+    monkeypatch.setattr(scheduler, "TRIM_INTERVAL_S", 0.0)
+    e.submit(req(PROMPTS[2], 3)).result()
+    assert len(trims) == 2
+
+
 def test_staggered_joins_give_each_request_its_solo_tokens():
     e = engine(max_slots=3, token_budget=8, min_chunk=4)
     handles = []

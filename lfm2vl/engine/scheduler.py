@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..memory import release_freed_memory
 from ..sampling import next_tokens, token_logprobs
 from ..textstream import TextStream
 from .caches import ImageCache, PrefixCache
@@ -42,6 +43,7 @@ from .request import FINISH_REASONS, ContextOverflow, QueueFull, Request, Reques
 log = logging.getLogger("lfm2vl.engine")
 
 
+TRIM_INTERVAL_S = 1.0  # going idle hands freed memory back to the OS, at most this often (lfm2vl/memory.py)
 VISION_BATCH_PATCHES = 1024  # patches per vision call at most (one full tile): see Engine._encode_crop
 
 
@@ -109,6 +111,7 @@ class Engine:
                              generated_tokens=0, vision_crops=0, decode_steps=0, decode_rows=0,
                              **{f"finished_{r}": 0 for r in FINISH_REASONS})
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent decode steps
+        self._worked, self._trimmed = False, 0.0  # requests ran since the last trim; when that was
 
     # -- submission (any thread) ---------------------------------------------------------------------
     def submit(self, request: Request, loop: Any = None) -> RequestHandle:
@@ -228,7 +231,13 @@ class Engine:
             self._prefill_unit()
             self._decode()
             with self._qlock:
-                return bool(self._queue or self._active)
+                busy = bool(self._queue or self._active)
+            if not busy and self._worked and time.monotonic() - self._trimmed >= TRIM_INTERVAL_S:
+                # idle after work: what its images and prefills freed goes back to the OS, so the next
+                # request starts from the model's own footprint, not the last one's high-water mark
+                release_freed_memory()
+                self._worked, self._trimmed = False, time.monotonic()
+            return busy
 
     def run_until_done(self) -> None:
         while self.step():
@@ -255,6 +264,7 @@ class Engine:
                 if not self._queue:
                     return
                 handle = self._queue.popleft()
+            self._worked = True
             try:
                 self._active[free[0]] = self._start(handle, free[0])
                 free.pop(0)
@@ -317,10 +327,8 @@ class Engine:
 
     def _encode_crop(self, a: _Active) -> None:
         """Encode the next crops of an image: several in one call while they hold at most
-        VISION_BATCH_PATCHES patches together (small crops batch; a full 512 x 512 tile, 1,024 patches,
-        goes alone). Measured on the 450M, 5 crops, 2-core AMD EPYC (AVX512-BF16), int4: one tile per
-        call 2.92 s of vision and a 820 MB peak, all five in one call 3.77 s and 876 MB (the larger
-        activations fall out of cache and stay allocated)."""
+        VISION_BATCH_PATCHES patches together (small crops batch; a full 512 x 512 tile goes alone:
+        faster and smaller than all five crops in one call, docs/performance.md)."""
         j, first = a.crop_work.popleft()
         last = first
         shapes = a.pixels[j][1]

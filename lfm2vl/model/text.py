@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .cache import CacheView, rope_cos_sin
+from .embedding import embedding
 
 
 class RMSNorm(nn.Module):
@@ -185,7 +186,7 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.embedding_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)  # final norm, after the last layer
         self.gradient_checkpointing = False

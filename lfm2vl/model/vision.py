@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from .embedding import embedding
 
 
 @lru_cache(maxsize=256)
@@ -48,7 +49,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+        self.position_embedding = embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, patches: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
         # patches: (N_real, 768) packed, crop after crop; shapes: (h, w) per crop, on the CPU
