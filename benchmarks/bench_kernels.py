@@ -1,9 +1,10 @@
 """Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant.py chooses from.
 
 One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, with the weight in
-fp32, bf16, int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply,
-torch's dynamic int8 `quantize_dynamic`) and int4 (lfm2vl's Int4Linear: torch's int4 kernel, and
-unpack-to-bf16-and-multiply), in milliseconds with the weight hot in cache; then the rate at which
+fp32, bf16, int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply a
+block of rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scale per
+tensor, and lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`) and int4 (lfm2vl's
+Int4Linear: torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot in cache; then the rate at which
 decode can stream weights from memory (50 different weights, cold; int8, int4 weight-only and
 bf16): the bound on decode speed, since every token reads every weight once. Last, one decode
 step of attention (one query, 16 heads over 8 KV heads, 1,400 keys) in bf16: SDPA against
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import cpu_flags  # noqa: E402
 
-from lfm2vl.quant import INT4_GROUP, Int4Linear  # noqa: E402
+from lfm2vl.quant import INT4_GROUP, Int4Linear, int8_dynamic_linear, widened_linear  # noqa: E402
 
 K, N = 1024, 6656
 
@@ -62,11 +63,12 @@ def hot() -> dict[int, dict[str, float]]:
                 "fp32": timed(lambda: F.linear(x, w), reps),
                 "bf16": timed(lambda: F.linear(xb, wb), reps),
                 "int8_gemv": timed(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb), reps),
-                "int8_widen_bf16": timed(lambda: F.linear(xb, w8.to(torch.bfloat16)) * sb, reps),
+                "int8_widen_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: w8[i:j].to(torch.bfloat16), sb), reps),
                 "int8_dynamic": timed(lambda: dynamic(x), reps),
+                "int8_x_int8_row": timed(lambda: int8_dynamic_linear(xb, w8, sb), reps),
                 "int4_kernel": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     xb, q4.qweight, INT4_GROUP, q4.scales_zeros), reps),
-                "int4_unpack_bf16": timed(lambda: F.linear(xb, q4.dequantized()), reps),
+                "int4_unpack_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: q4.dequantized(torch.bfloat16, i, j)), reps),
             }
     return out
 

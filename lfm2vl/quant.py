@@ -3,14 +3,17 @@
 int8 ("int8"):
 
 Every nn.Linear of the vision tower, projector and language model, and the output head, keeps its
-weight as int8 with one scale per output channel (symmetric, round to nearest); activations stay in
-floating point. A layer picks its kernel by the number of rows it multiplies (measured on a 2-core
-AMX Xeon, docs/performance.md). The token embedding is an int8 table too, and a tied head reads
-that same table:
-- few rows (decode, <= SMALL_ROWS): torch's int8 weight-only GEMV (`_weight_int8pack_mm`), which reads
-  a quarter of the fp32 bytes: 0.20 ms for 1024 -> 6656 against 0.54 ms fp32 and 0.47 ms bf16;
-- many rows (prefill, vision): the int8 weight is widened to the compute dtype and multiplied there
-  (7.1 ms for 1024 rows against 39.8 ms fp32; bf16 alone takes 5.5 ms).
+weight as int8 with one scale per output channel (symmetric, round to nearest). The token embedding
+is an int8 table too, and a tied head reads that same table. A layer picks its kernel by the kind
+of rows it multiplies, never by how many of them there are (`prompt_rows`), so a row's numbers do
+not depend on its neighbours in a batch:
+- prompt and image rows (prefill chunks, the vision tower): int8 x int8 (`int8_dynamic_linear`): each
+  row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
+  by torch._int_mm; about 2x the bf16 GEMM (2-core EPYC, docs/performance.md);
+- decode rows, up to SMALL_ROWS of them: torch's int8 weight-only GEMV (`_weight_int8pack_mm`),
+  activations in floating point, reading a quarter of the fp32 bytes;
+- more decode rows, or a torch without a CPU int8 matmul: the int8 weight is widened to the compute
+  dtype a block of rows at a time and multiplied there (`widened_linear`).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
 float32. On a GPU every call widens the weight (correct, but no faster than bf16: a GPU int8 kernel
 is still to come). Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
@@ -40,6 +43,33 @@ SMALL_ROWS = 8  # at or below: the int8 GEMV kernel; above: widen and multiply (
 INT4_GROUP = 32  # input weights per (scale, zero) pair (llama.cpp's Q4 block size)
 INT4_KERNEL_ROWS = 96  # at or below: the int4 kernel; above: unpack to bf16 (measured crossover ~128)
 WIDEN_BLOCK_BYTES = 4 * 2**20  # many-row calls widen this much of a weight at a time (see widened_linear)
+DYNAMIC_INT8 = True  # int8 layers multiply prompt and image rows as int8 x int8 (int8_dynamic_linear)
+
+
+@functools.cache
+def int8_matmul_available() -> bool:
+    """Whether this torch multiplies int8 x int8 -> int32 on the CPU (torch._int_mm)."""
+    try:
+        a = torch.ones(32, 32, dtype=torch.int8)
+        return bool(torch._int_mm(a, a).eq(32).all())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x2 (M, in) float @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) in x2's dtype, with each
+    row of x2 quantized to int8 on its own (symmetric, one scale per row) and the products summed
+    exactly in int32 (torch._int_mm: VNNI / AMX int8 GEMM, about 2x the bf16 GEMM of a 2-core EPYC).
+    One scale per row keeps a row's result independent of the rows beside it (a per-tensor scale,
+    as torch's quantize_dynamic uses, would make a prompt's numbers depend on its batch)."""
+    # In place where it can be: on a 2-core VM a fresh (M, out) temporary costs as much in page faults
+    # as the multiply it feeds. The products are rounded to x2's dtype before scaling (bf16: 2^-9).
+    xf = x2.to(torch.float32, copy=True)  # (M, in): quantized in this copy, never in x2 itself
+    # max |x| per row as two reductions (no |x| temporary; 30x faster here than vector_norm(inf))
+    row_scale = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_()).clamp_(min=1e-12).div_(127.0)
+    xq = xf.div_(row_scale).round_().to(torch.int8)  # (M, in), |xq| <= 127
+    y = torch._int_mm(xq, qweight.t())  # (M, out) int32, exact sums
+    return y.to(x2.dtype).mul_(row_scale.to(x2.dtype)).mul_(scale.to(x2.dtype))
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -87,6 +117,16 @@ def widened_linear(x2: torch.Tensor, out_features: int, widen, scale: torch.Tens
     return y
 
 
+def prompt_rows(x: torch.Tensor) -> bool:
+    """Whether x holds prompt or image rows (a (B, T > 1, in) chunk, or 2-D rows: the vision tower),
+    not one new token per sequence (a decode step, (B, 1, in)). The choice is by kind of row, never
+    by how many: prompt rows always take the dynamic int8 path (however the engine chunks the
+    prompt), decode rows never do (however many sequences decode together), so a row's numbers do
+    not depend on its neighbours. A prompt's one-token chunk (a prefix-cache hit one token short
+    of the prompt) counts as a decode step."""
+    return x.dim() == 2 or x.shape[-2] > 1
+
+
 class _QuantizedLinear(nn.Module):
     KIND = ""
 
@@ -121,7 +161,9 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
-        if x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
+        if prompt_rows(x) and DYNAMIC_INT8 and x2.device.type == "cpu" and int8_matmul_available():
+            y = int8_dynamic_linear(x2, self.qweight, self.scale)
+        elif x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)  # (M, out)
         else:
             y = widened_linear(x2, self.out_features, lambda i, j: self.qweight[i:j].to(x2.dtype), self.scale)

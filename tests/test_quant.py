@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import lfm2vl
-from lfm2vl.quant import INT4_GROUP, INT4_KERNEL_ROWS, SMALL_ROWS, Int4Linear, Int8Linear
+from lfm2vl.quant import INT4_GROUP, INT4_KERNEL_ROWS, SMALL_ROWS, Int4Linear, Int8Linear, int8_matmul_available
 
 ROOT = __import__("pathlib").Path(__file__).parent.parent
 
@@ -15,18 +15,40 @@ ROOT = __import__("pathlib").Path(__file__).parent.parent
 @pytest.mark.parametrize("rows", [1, SMALL_ROWS, SMALL_ROWS + 1, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_the_dequantized_layer(rows, dtype):
+    """Decode rows (one new token for each of `rows` sequences): the weight is int8, the activations not."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, dtype)
-    x = torch.randn(2, rows, 96)
+    x = torch.randn(rows, 1, 96)
     dequantized = q.qweight.float() * q.scale.float()[:, None]
     expected = F.linear(x, dequantized, linear.bias)
     got = q(x).float()
-    assert got.shape == (2, rows, 160)
+    assert got.shape == (rows, 1, 160)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert torch.allclose(got, expected, atol=tol, rtol=tol), (got - expected).abs().max()
     if dtype == torch.float32:  # round to nearest (bf16 scales are themselves rounded)
         assert ((dequantized - linear.weight).abs() <= q.scale[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no CPU int8 x int8 matmul")
+@pytest.mark.parametrize("shape", [(1, 200, 96), (3, 9, 96), (300, 96)])  # prompt chunks, and the vision tower's 2-D rows
+def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 160)
+    q = Int8Linear.from_linear(linear, torch.float32)
+    x = torch.randn(shape) * torch.linspace(0.1, 10, shape[-1])  # uneven channels, as real activations
+    s = x.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x / s) * s  # each row on its own int8 grid
+    dequantized = q.qweight.float() * q.scale.float()[:, None]
+    x0 = x.clone()
+    got = q(x)
+    assert torch.equal(x, x0)  # the activations are quantized into a copy, never in place
+    assert torch.allclose(got, F.linear(xq, dequantized, linear.bias), atol=1e-4, rtol=1e-4)
+    full = F.linear(x, linear.weight, linear.bias)
+    assert (got - full).norm() / full.norm() < 0.02  # both roundings together: about 1% here
+    rows = x.reshape(-1, 96)
+    alone = torch.stack([q(row.expand(1, 2, 96))[0, 0] for row in rows])  # each row in a 2-token chunk of its own
+    assert torch.equal(alone, got.reshape(-1, 160)), "a row's result must not depend on the rows beside it"
 
 
 @pytest.mark.parametrize("rows", [1, INT4_KERNEL_ROWS, INT4_KERNEL_ROWS + 1, 200])

@@ -46,9 +46,9 @@ def one_query_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, mask
     """Attention for one new token per row: q (B, H, 1, Dh), K^T kt (B, Hkv, Dh, S), v (B, Hkv, S, Dh),
     mask (B, 1, 1, S) or None.
 
-    Two batched matmuls with a float32 softmax, over the cache's own strided views (K is cached
-    transposed, cache.py). The decode step of every dtype and device: torch's CPU flash kernel takes
-    ~8x longer for a single query, and would need K copied back to (S, Dh) first
+    Two batched matmuls with a float32 softmax, over the cache's own views (K is cached transposed,
+    cache.py). The decode step of every dtype and device: torch's CPU flash kernel takes ~8x longer
+    for a single query in bf16, and would need K copied back to (S, Dh) rows first
     (benchmarks/bench_kernels.py); grouped query heads h = kv * G + g, as SDPA's enable_gqa.
     """
     b, h, _, dh = q.shape
