@@ -44,6 +44,7 @@ INT4_GROUP = 32  # input weights per (scale, zero) pair (llama.cpp's Q4 block si
 INT4_KERNEL_ROWS = 96  # at or below: the int4 kernel; above: unpack to bf16 (measured crossover ~128)
 WIDEN_BLOCK_BYTES = 4 * 2**20  # many-row calls widen this much of a weight at a time (see widened_linear)
 DYNAMIC_INT8 = True  # int8 layers multiply prompt and image rows as int8 x int8 (int8_dynamic_linear)
+DYNAMIC_BLOCK_BYTES = 8 * 2**20  # int8 x int8 products held at once (a block of rows)
 
 
 @functools.cache
@@ -62,14 +63,23 @@ def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     exactly in int32 (torch._int_mm: VNNI / AMX int8 GEMM, about 2x the bf16 GEMM of a 2-core EPYC).
     One scale per row keeps a row's result independent of the rows beside it (a per-tensor scale,
     as torch's quantize_dynamic uses, would make a prompt's numbers depend on its batch)."""
-    # In place where it can be: on a 2-core VM a fresh (M, out) temporary costs as much in page faults
-    # as the multiply it feeds. The products are rounded to x2's dtype before scaling (bf16: 2^-9).
-    xf = x2.to(torch.float32, copy=True)  # (M, in): quantized in this copy, never in x2 itself
-    # max |x| per row as two reductions (no |x| temporary; 30x faster here than vector_norm(inf))
-    row_scale = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_()).clamp_(min=1e-12).div_(127.0)
-    xq = xf.div_(row_scale).round_().to(torch.int8)  # (M, in), |xq| <= 127
-    y = torch._int_mm(xq, qweight.t())  # (M, out) int32, exact sums
-    return y.to(x2.dtype).mul_(row_scale.to(x2.dtype)).mul_(scale.to(x2.dtype))
+    # A block of rows at a time (their int32 products at most DYNAMIC_BLOCK_BYTES), in place where it
+    # can be: on a 2-core VM a fresh (M, out) temporary costs as much in page faults as the multiply
+    # it feeds, and the 1.6B's whole-prompt int32 products were 43 MB a layer beside the activations.
+    # The products are rounded to x2's dtype before scaling (bf16: 2^-9).
+    m, out_features = x2.shape[0], qweight.shape[0]
+    step = max(16, DYNAMIC_BLOCK_BYTES // (4 * out_features))
+    y = x2.new_empty(m, out_features)
+    w_t, w_scale = qweight.t(), scale.to(x2.dtype)
+    for i in range(0, m, step):
+        xf = x2[i : i + step].to(torch.float32, copy=True)  # quantized in this copy, never in x2 itself
+        # max |x| per row as two reductions (no |x| temporary; 30x faster here than vector_norm(inf))
+        row_scale = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_()).clamp_(min=1e-12).div_(127.0)
+        xq = xf.div_(row_scale).round_().to(torch.int8)  # (rows, in), |xq| <= 127
+        block = y[i : i + step]
+        block.copy_(torch._int_mm(xq, w_t))  # exact int32 sums, rounded to y's dtype
+        block.mul_(row_scale.to(x2.dtype)).mul_(w_scale)
+    return y
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
