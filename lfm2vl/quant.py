@@ -9,7 +9,7 @@ of rows it multiplies, never by how many of them there are (`prompt_rows`), so a
 not depend on its neighbours in a batch:
 - prompt and image rows (prefill chunks, the vision tower): int8 x int8 (`int8_dynamic_linear`): each
   row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
-  by torch._int_mm; about 2x the bf16 GEMM (2-core EPYC, docs/performance.md);
+  by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
 - decode rows, up to SMALL_ROWS of them: torch's int8 weight-only GEMV (`_weight_int8pack_mm`),
   activations in floating point, reading a quarter of the fp32 bytes;
 - more decode rows, or a torch without a CPU int8 matmul: the int8 weight is widened to the compute
@@ -60,7 +60,8 @@ def int8_matmul_available() -> bool:
 def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x2 (M, in) float @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) in x2's dtype, with each
     row of x2 quantized to int8 on its own (symmetric, one scale per row) and the products summed
-    exactly in int32 (torch._int_mm: VNNI / AMX int8 GEMM, about 2x the bf16 GEMM of a 2-core EPYC).
+    exactly in int32 (torch._int_mm: VNNI / AMX int8 GEMM, 2x the bf16 GEMM of a 2-core EPYC; 1.4x
+    with the quantizing and scaling around it, benchmarks/bench_kernels.py).
     One scale per row keeps a row's result independent of the rows beside it (a per-tensor scale,
     as torch's quantize_dynamic uses, would make a prompt's numbers depend on its batch)."""
     # A block of rows at a time (their int32 products at most DYNAMIC_BLOCK_BYTES), in place where it
@@ -107,10 +108,10 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
 def widened_linear(x2: torch.Tensor, out_features: int, widen, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x2 (M, in) @ W^T -> (M, out) for many rows, with W widened to x2's dtype a block of output rows
     at a time: `widen(i, j)` gives rows [i, j) of W as (j - i, in). Widening the whole weight at
-    once held it (and oneDNN's reordered copy of it) beside the activations: on the 1.6B's 2,048 x
-    8,192 layers that was 66 MB of transients per call and most of the int8 prefill's peak above
-    its weights (docs/performance.md). The block (WIDEN_BLOCK_BYTES, whole 64-row groups) stays in
-    cache, and the products are the same row by row. `scale` (out,) multiplies the output columns."""
+    once held it (and oneDNN's reordered copy of it, 66 MB together on the 1.6B's 2,048 x 8,192
+    layers) beside the activations; a block (WIDEN_BLOCK_BYTES, whole 64-row groups) stays in
+    cache, and measured 8-28% faster (docs/performance.md). The products are the same bits row by
+    row. `scale` (out,) multiplies the output columns."""
     m, k = x2.shape
     rows = max(64, WIDEN_BLOCK_BYTES // (k * x2.element_size()) // 64 * 64)
     if rows >= out_features:
