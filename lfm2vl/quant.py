@@ -43,7 +43,6 @@ SMALL_ROWS = 8  # at or below: the int8 GEMV kernel; above: widen and multiply (
 INT4_GROUP = 32  # input weights per (scale, zero) pair (llama.cpp's Q4 block size)
 INT4_KERNEL_ROWS = 96  # at or below: the int4 kernel; above: unpack to bf16 (measured crossover ~128)
 WIDEN_BLOCK_BYTES = 4 * 2**20  # many-row calls widen this much of a weight at a time (see widened_linear)
-DYNAMIC_INT8 = True  # int8 layers multiply prompt and image rows as int8 x int8 (int8_dynamic_linear)
 DYNAMIC_BLOCK_BYTES = 8 * 2**20  # int8 x int8 products held at once (a block of rows)
 
 
@@ -108,8 +107,8 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
 def widened_linear(x2: torch.Tensor, out_features: int, widen, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x2 (M, in) @ W^T -> (M, out) for many rows, with W widened to x2's dtype a block of output rows
     at a time: `widen(i, j)` gives rows [i, j) of W as (j - i, in). Widening the whole weight at
-    once held it (and oneDNN's reordered copy of it, 66 MB together on the 1.6B's 2,048 x 8,192
-    layers) beside the activations; a block (WIDEN_BLOCK_BYTES, whole 64-row groups) stays in
+    once held a full widened copy beside the activations (33 MB in bf16 for the 1.6B's 2,048 x
+    8,192 layers); a block (WIDEN_BLOCK_BYTES, whole 64-row groups) stays in
     cache, and measured 8-28% faster (docs/performance.md). The products are the same bits row by
     row. `scale` (out,) multiplies the output columns."""
     m, k = x2.shape
@@ -172,7 +171,7 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
-        if prompt_rows(x) and DYNAMIC_INT8 and x2.device.type == "cpu" and int8_matmul_available():
+        if prompt_rows(x) and x2.device.type == "cpu" and int8_matmul_available():
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)  # (M, out)
