@@ -4,8 +4,8 @@
   written in place by index (slot, position), so rows of one batch may sit at different lengths. K is
   stored transposed because a decode step multiplies the query by K^T: torch's bf16 CPU matmul copies
   a strided operand first, and from (max_len, Dh) rows that copy was a transpose of every layer's
-  keys on every token, where from K^T it copies whole rows (int4 decode step 23-25 -> 20.5-21 ms on
-  a 2-core EPYC, docs/performance.md);
+  keys on every token, where from K^T it copies whole rows (int4 decode step 27-29 -> 23-25 ms on
+  a 2-core EPYC, benchmarks/bench_decode.py, docs/performance.md);
 - conv layers: the last K-1 values of the gated input B*x, (S, D, K-1) (mlx-lm's choice; the
   reference keeps K, of which only K-1 matter);
 - each slot's length, on the device (for the writes and RoPE positions, no host sync) and on the
