@@ -64,7 +64,9 @@ def test_fresh_adapter_is_a_no_op_and_freezes_base():
     assert isinstance(layer, LoraLinear) and not layer.base_layer.weight.requires_grad
     assert layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad
     with torch.no_grad():
-        torch.testing.assert_close(model(**_inputs()), ref(**_inputs()))
+        # A plain layer applies its SiLU in the matmul's epilogue (lfm2vl/model/linear.py), the wrapped
+        # one after it: float32 round-off apart, nothing more.
+        torch.testing.assert_close(model(**_inputs()), ref(**_inputs()), rtol=1e-5, atol=3e-5)
 
 
 def test_target_that_matches_nothing_is_an_error():

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import Lfm2VlConfig
 from .cache import CacheView, HybridCache
+from .linear import Linear, linear
 from .projector import Projector
 from .text import TextModel
 from .vision import VisionEncoder
@@ -26,7 +27,7 @@ class Lfm2Vl(nn.Module):
         self.language_model = TextModel(cfg.text)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +91,7 @@ class Lfm2Vl(nn.Module):
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
             return self.lm_head(hidden)  # a quantized head (lfm2vl/quant.py)
         weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.T  # (..., V)
+        return linear(hidden, weight)  # (..., V)
 
     def forward(
         self,

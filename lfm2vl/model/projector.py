@@ -9,10 +9,10 @@ last row/column of patches, as in transformers v5 (the processor never produces 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Lfm2VlConfig
+from .linear import Linear, apply
 
 
 def pixel_unshuffle(features: torch.Tensor, shapes: list[tuple[int, int]], factor: int) -> torch.Tensor:
@@ -34,12 +34,12 @@ class Projector(nn.Module):
         self.factor = cfg.downsample_factor
         d_in = cfg.projector_in_dim
         self.layer_norm = nn.LayerNorm(d_in) if cfg.projector_use_layernorm else None  # eps 1e-5 (torch default)
-        self.linear_1 = nn.Linear(d_in, cfg.projector_hidden_size, bias=cfg.projector_bias)
-        self.linear_2 = nn.Linear(cfg.projector_hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
-        self.approximate = "tanh" if cfg.projector_hidden_act == "gelu_pytorch_tanh" else "none"
+        self.linear_1 = Linear(d_in, cfg.projector_hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = Linear(cfg.projector_hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.act = "gelu_tanh" if cfg.projector_hidden_act == "gelu_pytorch_tanh" else "gelu"
 
     def forward(self, features: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
         x = pixel_unshuffle(features, shapes, self.factor)  # (N_tokens, 4C)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        return self.linear_2(F.gelu(self.linear_1(x), approximate=self.approximate))  # (N_tokens, D)
+        return self.linear_2(apply(self.linear_1, x, self.act))  # (N_tokens, D)

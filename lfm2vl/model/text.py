@@ -22,6 +22,7 @@ from torch import nn
 from ..config import TextConfig
 from .cache import CacheView, rope_cos_sin
 from .embedding import embedding
+from .linear import Linear, apply, apply_mul
 
 
 class RMSNorm(nn.Module):
@@ -66,10 +67,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.out_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
 
@@ -101,8 +102,8 @@ class ShortConv(nn.Module):
         self.kernel = k
         # holds the weights only: forward pads with the cached state instead of zeros
         self.conv = nn.Conv1d(d, d, kernel_size=k, groups=d, bias=cfg.conv_bias)
-        self.in_proj = nn.Linear(d, 3 * d, bias=cfg.conv_bias)
-        self.out_proj = nn.Linear(d, d, bias=cfg.conv_bias)
+        self.in_proj = Linear(d, 3 * d, bias=cfg.conv_bias)
+        self.out_proj = Linear(d, d, bias=cfg.conv_bias)
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         b, t, d = x.shape
@@ -131,12 +132,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, f = cfg.hidden_size, cfg.ffn_dim
-        self.w1 = nn.Linear(d, f, bias=False)  # gate
-        self.w3 = nn.Linear(d, f, bias=False)  # up
-        self.w2 = nn.Linear(f, d, bias=False)  # down
+        self.w1 = Linear(d, f, bias=False)  # gate
+        self.w3 = Linear(d, f, bias=False)  # up
+        self.w2 = Linear(f, d, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(apply_mul(self.w3, x, apply(self.w1, x, "silu")))  # w2(silu(w1 x) * w3 x)
 
 
 class DecoderLayer(nn.Module):

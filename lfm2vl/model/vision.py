@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from .embedding import embedding
+from .linear import Linear, apply
 
 
 @lru_cache(maxsize=256)
@@ -48,7 +49,7 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.hidden_size)
+        self.patch_embedding = Linear(cfg.patch_dim, cfg.hidden_size)
         self.position_embedding = embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, patches: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
@@ -64,8 +65,8 @@ class Attention(nn.Module):
         super().__init__()
         c = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj, self.k_proj = nn.Linear(c, c), nn.Linear(c, c)
-        self.v_proj, self.out_proj = nn.Linear(c, c), nn.Linear(c, c)
+        self.q_proj, self.k_proj = Linear(c, c), Linear(c, c)
+        self.v_proj, self.out_proj = Linear(c, c), Linear(c, c)
 
     def forward(self, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
         # x: (N_real, C); groups: (start row, crops, rows per crop) runs of equally sized crops
@@ -86,12 +87,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.approximate = "tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "none"
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = "gelu_tanh" if cfg.hidden_act == "gelu_pytorch_tanh" else "gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+        return self.fc2(apply(self.fc1, x, self.act))
 
 
 class EncoderLayer(nn.Module):

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..model.linear import Linear
 from ..weights import SAVE_PREFIXES, map_key
 
 # The three top-level parts of `Lfm2Vl`; a target may be scoped to one ("vision_tower.fc1").
@@ -84,10 +85,11 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
 
     def merged(self) -> nn.Linear:
-        """A plain `nn.Linear` computing the same function (in the base layer's dtype)."""
+        """A plain `Linear` (the model's own, lfm2vl/model/linear.py) computing the same function
+        (in the base layer's dtype)."""
         base = self.base_layer
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                        device=base.weight.device, dtype=base.weight.dtype)
+        out = Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                     device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
             out.weight.copy_((base.weight.float() + self.delta_weight()).to(base.weight.dtype))
             if base.bias is not None:
