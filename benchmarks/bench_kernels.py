@@ -1,7 +1,7 @@
 """Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant.py chooses from.
 
 One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, with the weight in
-fp32, bf16, int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply a
+fp32 (torch's F.linear, MKL, and oneDNN's float32 matmul, which lfm2vl/model/linear.py uses), bf16, int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply a
 block of rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scale per
 tensor, and lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`) and int4 (lfm2vl's
 Int4Linear: torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot in cache; then the rate at which
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import cpu_flags  # noqa: E402
 
+from lfm2vl.model.linear import linear as onednn_linear  # noqa: E402
 from lfm2vl.quant import INT4_GROUP, Int4Linear, int8_dynamic_linear, widened_linear  # noqa: E402
 
 K, N = 1024, 6656
@@ -61,6 +62,7 @@ def hot() -> dict[int, dict[str, float]]:
             reps = 100 if rows < 100 else 10
             out[rows] = {
                 "fp32": timed(lambda: F.linear(x, w), reps),
+                "fp32_onednn": timed(lambda: onednn_linear(x, w), reps),
                 "bf16": timed(lambda: F.linear(xb, wb), reps),
                 "int8_gemv": timed(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb), reps),
                 "int8_widen_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: w8[i:j].to(torch.bfloat16), sb), reps),
@@ -79,6 +81,7 @@ def cold(layers: int = 50) -> dict[str, float]:
     w8 = [torch.randint(-127, 127, (N, K), dtype=torch.int8) for _ in range(layers)]
     s8 = [torch.rand(N).bfloat16() for _ in range(layers)]
     wb = [torch.randn(N, K).bfloat16() for _ in range(layers // 2)]
+    wf = [torch.randn(N, K) for _ in range(layers // 4)]
     group = 32  # int4 weight-only: packed by torch, one (scale, zero) pair per 32 weights
     w4 = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (N, K), dtype=torch.int32), 1)
           for _ in range(layers)]
@@ -89,6 +92,8 @@ def cold(layers: int = 50) -> dict[str, float]:
             ("int8_gemv", lambda: [torch.ops.aten._weight_int8pack_mm(x, w, s) for w, s in zip(w8, s8)], layers),
             ("int4_gemv", lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, sz) for w in w4], layers),
             ("bf16", lambda: [F.linear(x, w) for w in wb], layers // 2),
+            ("fp32", lambda: [F.linear(x.float(), w) for w in wf], layers // 4),
+            ("fp32_onednn", lambda: [onednn_linear(x.float(), w) for w in wf], layers // 4),
         ):
             best = min(timed(run, 1) for _ in range(3)) / 1e3
             rates[name] = count * N * K / best / 1e9
