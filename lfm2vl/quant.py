@@ -11,7 +11,11 @@ not depend on its neighbours in a batch:
   row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
   by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
 - decode rows, up to SMALL_ROWS of them: torch's int8 weight-only GEMV (`_weight_int8pack_mm`),
-  activations in floating point, reading a quarter of the fp32 bytes;
+  activations in bfloat16, reading a quarter of the fp32 bytes. Where the compute dtype is float32
+  (a CPU without native bf16) decode rows are int8 x int8 as well: the GEMV's float32 path is not
+  vectorized, and a 450M int8 decode step took 209 ms with it against 42 ms int8 x int8 on a 2-core
+  AVX-512 EPYC, 192 against 65 ms with torch and oneDNN held to AVX2 (ATEN_CPU_CAPABILITY=avx2
+  ONEDNN_MAX_CPU_ISA=AVX2), where the float32 model takes 71 ms (benchmarks/bench_decode.py);
 - more decode rows, or a torch without a CPU int8 matmul: the int8 weight is widened to the compute
   dtype a block of rows at a time and multiplied there (`widened_linear`).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
@@ -171,7 +175,8 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
-        if prompt_rows(x) and x2.device.type == "cpu" and int8_matmul_available():
+        if (prompt_rows(x) or x2.dtype == torch.float32) and x2.device.type == "cpu" and int8_matmul_available():
+            # float32 decode rows too: the GEMV's float32 path is not vectorized (see the module docstring)
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)  # (M, out)

@@ -15,7 +15,10 @@ ROOT = __import__("pathlib").Path(__file__).parent.parent
 @pytest.mark.parametrize("rows", [1, SMALL_ROWS, SMALL_ROWS + 1, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_the_dequantized_layer(rows, dtype):
-    """Decode rows (one new token for each of `rows` sequences): the weight is int8, the activations not."""
+    """Decode rows (one new token for each of `rows` sequences): the weight is int8, the bf16
+    activations not (float32 decode rows are int8 x int8 where torch has the int8 matmul: next test)."""
+    if dtype == torch.float32 and int8_matmul_available():
+        pytest.skip("float32 decode rows take the int8 x int8 path here")
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, dtype)
@@ -31,8 +34,9 @@ def test_int8_linear_is_the_dequantized_layer(rows, dtype):
 
 
 @pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no CPU int8 x int8 matmul")
-@pytest.mark.parametrize("shape", [(1, 200, 96), (3, 9, 96), (300, 96)])  # prompt chunks, and the vision tower's 2-D rows
+@pytest.mark.parametrize("shape", [(1, 200, 96), (3, 9, 96), (300, 96), (5, 1, 96)])
 def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
+    """Prompt chunks, the vision tower's 2-D rows, and float32 decode rows (5 sequences, one token each)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, torch.float32)
@@ -49,6 +53,8 @@ def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
     rows = x.reshape(-1, 96)
     alone = torch.stack([q(row.expand(1, 2, 96))[0, 0] for row in rows])  # each row in a 2-token chunk of its own
     assert torch.equal(alone, got.reshape(-1, 160)), "a row's result must not depend on the rows beside it"
+    decoded = torch.stack([q(row.view(1, 1, 96))[0, 0] for row in rows])  # each row as a float32 decode step
+    assert torch.equal(decoded, got.reshape(-1, 160)), "a float32 decode row is the same int8 x int8 product"
 
 
 @pytest.mark.parametrize("rows", [1, INT4_KERNEL_ROWS, INT4_KERNEL_ROWS + 1, 200])
