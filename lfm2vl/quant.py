@@ -11,11 +11,9 @@ not depend on its neighbours in a batch:
   row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
   by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
 - decode rows, up to SMALL_ROWS of them: torch's int8 weight-only GEMV (`_weight_int8pack_mm`),
-  activations in bfloat16, reading a quarter of the fp32 bytes. Where the compute dtype is float32
-  (a CPU without native bf16) decode rows are int8 x int8 as well: the GEMV's float32 path is not
-  vectorized, and a 450M int8 decode step took 209 ms with it against 42 ms int8 x int8 on a 2-core
-  AVX-512 EPYC, 192 against 65 ms with torch and oneDNN held to AVX2 (ATEN_CPU_CAPABILITY=avx2
-  ONEDNN_MAX_CPU_ISA=AVX2), where the float32 model takes 71 ms (benchmarks/bench_decode.py);
+  reading a quarter of the fp32 bytes, with the activations in bfloat16 whatever the compute dtype:
+  the GEMV's float32 path is not vectorized (1.8 against 9.7-12 G weights/s in bf16, with torch and
+  oneDNN held to AVX2 and on AVX-512; docs/performance.md);
 - more decode rows, or a torch without a CPU int8 matmul: the int8 weight is widened to the compute
   dtype a block of rows at a time and multiplied there (`widened_linear`).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
@@ -28,7 +26,11 @@ zero); the vision tower and projector stay int8 (they only ever run many rows, w
 nothing). Decode reads half the int8 bytes: torch's int4 weight-only kernel
 (`_weight_int4pack_mm_for_cpu`) streams 46 G weights/s here against 27 for int8 (AMD EPYC with
 AVX512-BF16, benchmarks/bench_kernels.py). Above INT4_KERNEL_ROWS rows the layer unpacks its weight
-to bfloat16 and multiplies there (the int4 kernel is 3.6x slower than bf16 at 1,024 rows). A layer
+to bfloat16 and multiplies there (the int4 kernel is 3.6x slower than bf16 at 1,024 rows); to float32
+where the compute dtype is float32 (no native bf16: there a bf16 GEMM is emulated, and the 450M's
+int4 prefill took 21.4 s with it). torch packs int4 weights 64 output rows to a block where its
+kernels use AVX-512 and 32 with AVX2 (`int4_block`); a checkpoint records its packing and loads
+repacked on the other kind of CPU. A layer
 whose shape the kernel cannot take (out % 64, in % INT4_GROUP) stays int8. A tied head is an int4
 table that the token embedding reads its rows from (one copy, like int8's shared table).
 """
@@ -38,8 +40,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .model.linear import linear
 
 QUANTIZE = ("int8", "int4")
 KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's input dtype: left as is
@@ -52,10 +55,20 @@ DYNAMIC_BLOCK_BYTES = 8 * 2**20  # int8 x int8 products held at once (a block of
 
 @functools.cache
 def int8_matmul_available() -> bool:
-    """Whether this torch multiplies int8 x int8 -> int32 on the CPU (torch._int_mm)."""
+    """Whether this torch multiplies int8 x int8 -> int32 on this CPU (torch._int_mm), exactly.
+
+    Without AVX512-VNNI (AVX2 CPUs, the first AVX-512 ones) oneDNN's int8 kernels sum pairs of
+    products in int16 with saturation, so large activations and weights come out wrong (measured with
+    ONEDNN_MAX_CPU_ISA=AVX2 and =AVX512_CORE): the probe multiplies 127s, whose pairs overflow int16,
+    and random values, and compares with exact integer sums."""
     try:
-        a = torch.ones(32, 32, dtype=torch.int8)
-        return bool(torch._int_mm(a, a).eq(32).all())
+        g = torch.Generator().manual_seed(0)
+        for a, b in ((torch.full((32, 64), 127, dtype=torch.int8), torch.full((64, 32), 127, dtype=torch.int8)),
+                     (torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=g),
+                      torch.randint(-127, 128, (256, 32), dtype=torch.int8, generator=g))):
+            if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+                return False
+        return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -118,12 +131,12 @@ def widened_linear(x2: torch.Tensor, out_features: int, widen, scale: torch.Tens
     m, k = x2.shape
     rows = max(64, WIDEN_BLOCK_BYTES // (k * x2.element_size()) // 64 * 64)
     if rows >= out_features:
-        y = F.linear(x2, widen(0, out_features))
+        y = linear(x2, widen(0, out_features))
         return y if scale is None else y * scale
     y = x2.new_empty(m, out_features)
     for i in range(0, out_features, rows):
         j = min(i + rows, out_features)
-        part = F.linear(x2, widen(i, j))  # (M, j - i)
+        part = linear(x2, widen(i, j))  # (M, j - i)
         if scale is None:
             y[:, i:j] = part
         else:
@@ -175,11 +188,12 @@ class Int8Linear(_QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
-        if (prompt_rows(x) or x2.dtype == torch.float32) and x2.device.type == "cpu" and int8_matmul_available():
-            # float32 decode rows too: the GEMV's float32 path is not vectorized (see the module docstring)
+        if prompt_rows(x) and x2.device.type == "cpu" and int8_matmul_available():
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale)  # (M, out)
+            # bf16 activations whatever the compute dtype: the GEMV's float32 path is not vectorized
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
+                                                   self.scale.to(torch.bfloat16)).to(x2.dtype)  # (M, out)
         else:
             y = widened_linear(x2, self.out_features, lambda i, j: self.qweight[i:j].to(x2.dtype), self.scale)
         if self.bias is not None:
@@ -191,27 +205,53 @@ class Int8Linear(_QuantizedLinear):
 
 
 def int4_fits(out_features: int, in_features: int) -> bool:
-    """Shapes torch's CPU int4 kernel packs: 64 output rows per block, whole groups along the input."""
+    """Shapes torch's CPU int4 kernel packs on any CPU: whole 64-row blocks (32 with AVX2), whole groups
+    along the input."""
     return out_features % 64 == 0 and in_features % INT4_GROUP == 0
 
 
-@functools.cache  # a property of this torch: checked once, however many loads and CLI checks ask
-def int4_available() -> str | None:
-    """None when this torch has the CPU int4 kernel with the packing `_unpack_nibbles` reads, else why not."""
+INT4_BLOCKS = (64, 32)  # output rows per block of torch's CPU int4 packing: AVX-512 kernels, AVX2 kernels
+
+
+@functools.cache  # a property of this torch and CPU: checked once, however many loads and CLI checks ask
+def int4_block() -> int | None:
+    """Output rows per block of the int4 packing torch uses on this CPU (INT4_BLOCKS), or None when it
+    has no CPU int4 kernel or packs in a layout `_unpack_nibbles` does not read."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return f"torch {torch.__version__} has no CPU int4 kernel (_weight_int4pack_mm_for_cpu): use int8"
+        return None
     probe = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-    if packed.dtype != torch.uint8 or not torch.equal(_unpack_nibbles(packed, 128, 64).int(), probe):
+    if packed.dtype == torch.uint8 and packed.shape == (128, 32):
+        for block in INT4_BLOCKS:
+            if torch.equal(_unpack_nibbles(packed, 128, 64, block).int(), probe):
+                return block
+    return None
+
+
+def int4_available() -> str | None:
+    """None when this torch has the CPU int4 kernel with a packing `_unpack_nibbles` reads, else why not."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no CPU int4 kernel (_weight_int4pack_mm_for_cpu): use int8"
+    if int4_block() is None:
         return f"torch {torch.__version__} packs int4 weights in a layout lfm2vl does not read: use int8"
     return None
 
 
-def _unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """torch's CPU int4 packing (torch 2.6-2.13) -> (n, k) uint8 in 0..15. Each block of 64 output rows
-    is (k, 32) bytes: byte [kk, j] holds row j in its low nibble and row 32 + j in its high one."""
-    b = packed.view(n // 64, k, 32)
+def _unpack_nibbles(packed: torch.Tensor, n: int, k: int, block: int | None = None) -> torch.Tensor:
+    """torch's CPU int4 packing (torch 2.6-2.13) -> (n, k) uint8 in 0..15. Each block of `block` output
+    rows (64 where torch's kernels use AVX-512, 32 with AVX2; default: this CPU's) is (k, block / 2)
+    bytes: byte [kk, j] holds row j in its low nibble and row block / 2 + j in its high one."""
+    block = block or int4_block()
+    b = packed.view(n // block, k, block // 2)
     return torch.stack((b & 15, b >> 4), 1).transpose(2, 3).reshape(n, k)
+
+
+def repack_int4(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """An (n, k) int4 weight packed with `block` rows per block (another CPU's layout: a checkpoint
+    written there) -> this CPU's packing."""
+    if block == int4_block():
+        return packed
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed.cpu(), n, k, block).int(), 1)
 
 
 def _dequantize_groups(q: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -252,21 +292,27 @@ class Int4Linear(_QuantizedLinear):
                                                          dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
+    def _apply(self, fn, recurse: bool = True) -> Int4Linear:
+        super()._apply(fn, recurse)
+        if self.scales_zeros.dtype != torch.bfloat16:  # a cast of the model (.to(float32)): the kernel wants bf16
+            self.scales_zeros = self.scales_zeros.to(torch.bfloat16)
+        return self
+
     def dequantized(self, dtype: torch.dtype = torch.bfloat16, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows [start, end) (whole 64-row blocks, or to the end) of the (out, in) weight the kernel
         multiplies by, in `dtype`."""
         end = self.out_features if end is None else end
-        k = self.in_features
-        packed = self.qweight.view(self.out_features // 64, k // 2 * 64)[start // 64 : -(-end // 64)]
-        q = _unpack_nibbles(packed, packed.shape[0] * 64, k)[: end - start]  # (end - start, in)
+        k, block = self.in_features, int4_block()
+        packed = self.qweight.view(self.out_features // block, k // 2 * block)[start // block : -(-end // block)]
+        q = _unpack_nibbles(packed, packed.shape[0] * block, k, block)[: end - start]  # (end - start, in)
         return _dequantize_groups(q, self.scales_zeros[:, start:end], dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight, (..., in) bf16: a tied head read as an embedding table."""
         n, k = self.out_features, self.in_features
-        flat = ids.reshape(-1)
-        b = self.qweight.view(n // 64, k, 32)[flat // 64, :, flat % 32]  # (T, in) bytes holding each row's nibbles
-        q = torch.where((flat % 64 >= 32)[:, None], b >> 4, b & 15)  # (T, in)
+        flat, half = ids.reshape(-1), int4_block() // 2
+        b = self.qweight.view(n // (2 * half), k, half)[flat // (2 * half), :, flat % half]  # (T, in): each row's bytes
+        q = torch.where((flat % (2 * half) >= half)[:, None], b >> 4, b & 15)  # (T, in)
         return _dequantize_groups(q, self.scales_zeros[:, flat], torch.bfloat16).view(*ids.shape, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,8 +321,9 @@ class Int4Linear(_QuantizedLinear):
         if x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); .to: a no-op unless the model was cast
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros.to(torch.bfloat16))
-        else:
-            y = widened_linear(x2.to(torch.bfloat16), self.out_features, lambda i, j: self.dequantized(torch.bfloat16, i, j))
+        else:  # widened to the compute dtype: float32 where the CPU has no native bf16 (an emulated bf16 GEMM is slow)
+            wide = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
+            y = widened_linear(x2.to(wide), self.out_features, lambda i, j: self.dequantized(wide, i, j))
         y = y.to(x.dtype if self.bias is None else self.bias.dtype)
         if self.bias is not None:
             y = y + self.bias

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from .config import Lfm2VlConfig
 from .memory import release_freed_memory
 from .model.lfm2vl import Lfm2Vl
-from .quant import (add_int4_head, layer_kind, linear_names, quantized_tensors, replace_embedding, replace_linears,
-                    share_int8_head, tied_int4_head)
+from .quant import (INT4_BLOCKS, add_int4_head, int4_block, layer_kind, linear_names, quantized_tensors, repack_int4,
+                    replace_embedding, replace_linears, share_int8_head, tied_int4_head)
 
 # Stored prefix -> our module prefix; the first match wins, so longer prefixes come first.
 PREFIXES = (
@@ -182,6 +182,12 @@ def load_weights(
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
     int4_head = quantize is not None and tied_int4_head(model, quantize)
+    stored_block = None  # a prequantized int4 folder's packing (written before it was recorded: 64, AVX-512's)
+    if prequantized and quantize == "int4":
+        stored_block = json.loads((folder / "config.json").read_text())["quantization_config"].get("block_rows", 64)
+        if stored_block not in INT4_BLOCKS:
+            raise CheckpointError(f"{folder}: int4 block_rows {stored_block!r} is not a packing lfm2vl reads "
+                                  f"({list(INT4_BLOCKS)}); quantize the float checkpoint again: lfm2vl quantize IN OUT")
     if prequantized:  # the checkpoint's layout is the quantized model's
         replace_linears(model, dtype, scheme=quantize)
         if int4_head:
@@ -226,6 +232,9 @@ def load_weights(
                 target = "lm_head" if int4_head and layer == "language_model.embed_tokens" else layer
                 for suffix, q in quantized_tensors(quantized[layer], t, dtype).items():
                     state[f"{target}.{suffix}"] = q.to(device)
+            elif stored_block is not None and t.dtype == torch.uint8 and name.endswith(".qweight"):
+                shell = model.get_submodule(name.removesuffix(".qweight"))  # an Int4Linear: (out, in)
+                state[name] = repack_int4(t, shell.out_features, shell.in_features, stored_block).to(device)
             else:
                 state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             del t
@@ -289,7 +298,10 @@ def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig, scheme:
     for old in list(dst.glob("model*.safetensors")) + list(dst.glob("model.safetensors.index.json")):
         old.unlink()
     _atomic_save(out, dst / QUANTIZED_WEIGHTS[scheme])
-    config = json.loads((src / "config.json").read_text()) | {"quantization_config": QUANTIZATION_CONFIGS[scheme]}
+    qconfig = QUANTIZATION_CONFIGS[scheme]
+    if scheme == "int4":  # the packing depends on the CPU's kernels: a loader on another CPU repacks
+        qconfig = qconfig | {"block_rows": int4_block()}
+    config = json.loads((src / "config.json").read_text()) | {"quantization_config": qconfig}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst
 

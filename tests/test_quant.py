@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import lfm2vl
-from lfm2vl.quant import INT4_GROUP, INT4_KERNEL_ROWS, SMALL_ROWS, Int4Linear, Int8Linear, int8_matmul_available
+from lfm2vl.quant import (INT4_GROUP, INT4_KERNEL_ROWS, SMALL_ROWS, Int4Linear, Int8Linear, int4_available,
+                          int8_matmul_available)
 
 ROOT = __import__("pathlib").Path(__file__).parent.parent
 
@@ -15,10 +16,8 @@ ROOT = __import__("pathlib").Path(__file__).parent.parent
 @pytest.mark.parametrize("rows", [1, SMALL_ROWS, SMALL_ROWS + 1, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_the_dequantized_layer(rows, dtype):
-    """Decode rows (one new token for each of `rows` sequences): the weight is int8, the bf16
-    activations not (float32 decode rows are int8 x int8 where torch has the int8 matmul: next test)."""
-    if dtype == torch.float32 and int8_matmul_available():
-        pytest.skip("float32 decode rows take the int8 x int8 path here")
+    """Decode rows (one new token for each of `rows` sequences): the weight is int8, the activations not
+    (up to SMALL_ROWS rows the GEMV takes them in bf16, whatever the compute dtype)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, dtype)
@@ -27,16 +26,15 @@ def test_int8_linear_is_the_dequantized_layer(rows, dtype):
     expected = F.linear(x, dequantized, linear.bias)
     got = q(x).float()
     assert got.shape == (rows, 1, 160)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-4 if dtype == torch.float32 and rows > SMALL_ROWS else 3e-2
     assert torch.allclose(got, expected, atol=tol, rtol=tol), (got - expected).abs().max()
     if dtype == torch.float32:  # round to nearest (bf16 scales are themselves rounded)
         assert ((dequantized - linear.weight).abs() <= q.scale[:, None] / 2 + 1e-7).all()
 
 
 @pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no CPU int8 x int8 matmul")
-@pytest.mark.parametrize("shape", [(1, 200, 96), (3, 9, 96), (300, 96), (5, 1, 96)])
+@pytest.mark.parametrize("shape", [(1, 200, 96), (3, 9, 96), (300, 96)])  # prompt chunks, and the vision tower's 2-D rows
 def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
-    """Prompt chunks, the vision tower's 2-D rows, and float32 decode rows (5 sequences, one token each)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, torch.float32)
@@ -53,8 +51,23 @@ def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
     rows = x.reshape(-1, 96)
     alone = torch.stack([q(row.expand(1, 2, 96))[0, 0] for row in rows])  # each row in a 2-token chunk of its own
     assert torch.equal(alone, got.reshape(-1, 160)), "a row's result must not depend on the rows beside it"
-    decoded = torch.stack([q(row.view(1, 1, 96))[0, 0] for row in rows])  # each row as a float32 decode step
-    assert torch.equal(decoded, got.reshape(-1, 160)), "a float32 decode row is the same int8 x int8 product"
+
+
+def test_int8_matmul_is_used_only_where_it_is_exact():
+    """Without AVX512-VNNI oneDNN's int8 kernels saturate (ONEDNN_MAX_CPU_ISA=AVX2 reproduces it on any
+    x86 CPU): there the probe must say no, and int8 layers multiply widened weights instead."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from lfm2vl.quant import int8_matmul_available as f; a = torch.full((8, 64), 127, "
+            "dtype=torch.int8); exact = torch.equal(torch._int_mm(a, a.t().contiguous()).long(), "
+            "a.long() @ a.long().t()); print(int(exact), int(f()))")
+    for isa in ("AVX2", "AVX512_CORE"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**__import__("os").environ, "ONEDNN_MAX_CPU_ISA": isa})
+        assert r.returncode == 0, r.stderr
+        exact, available = r.stdout.split()
+        assert available == "0" or exact == "1", f"{isa}: the int8 matmul is inexact but was chosen"
 
 
 @pytest.mark.parametrize("rows", [1, INT4_KERNEL_ROWS, INT4_KERNEL_ROWS + 1, 200])
@@ -147,6 +160,58 @@ def test_a_quantized_checkpoint_loads_straight_into_place(tmp_path, scheme, max_
 
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again")
+
+
+def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
+    """(n, k) 0..15 -> torch's CPU int4 packing with `block` rows per block, written out independently
+    of torch: byte [b, kk, j] = row b*block + j (low nibble) | row b*block + block/2 + j (high nibble)."""
+    n, k = q.shape
+    b = q.to(torch.uint8).view(n // block, 2, block // 2, k).transpose(2, 3)  # (blocks, lo/hi, k, block/2)
+    return (b[:, 0] | (b[:, 1] << 4)).reshape(n, k // 2)
+
+
+@pytest.mark.skipif(int4_available() is not None, reason="this torch has no CPU int4 kernel")
+def test_int4_packing_of_each_cpu_kind_reads_back_and_repacks():
+    """AVX-512 kernels pack 64 output rows per block, AVX2 kernels 32 (checked on this CPU's packing;
+    the other layout is written by hand)."""
+    from lfm2vl.quant import INT4_BLOCKS, _unpack_nibbles, int4_block, repack_int4
+
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
+    here = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(here, _pack_int4(q, int4_block())), "the hand-written packing must be torch's on this CPU"
+    for block in INT4_BLOCKS:
+        packed = _pack_int4(q, block)
+        assert torch.equal(_unpack_nibbles(packed, 192, 96, block).int(), q)
+        assert torch.equal(repack_int4(packed, 192, 96, block), here)
+
+
+@pytest.mark.skipif(int4_available() is not None, reason="this torch has no CPU int4 kernel")
+def test_an_int4_checkpoint_written_on_another_kind_of_cpu_loads_repacked(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lfm2vl.api import quantize_checkpoint
+    from lfm2vl.quant import INT4_BLOCKS, _unpack_nibbles, int4_block
+
+    out = quantize_checkpoint(ROOT / "lfm2vl/assets/bundled_model", tmp_path / "int4", "int4")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["block_rows"] == int4_block()
+    other = next(b for b in INT4_BLOCKS if b != int4_block())  # rewrite it as the other kind of CPU would have
+    tensors = load_file(out / "model.int4.safetensors")
+    for key, t in tensors.items():
+        if key.endswith(".qweight") and t.dtype == torch.uint8:
+            n, k = t.shape[0], t.shape[1] * 2
+            tensors[key] = _pack_int4(_unpack_nibbles(t, n, k).int(), other)
+    save_file(tensors, out / "model.int4.safetensors")
+    config["quantization_config"]["block_rows"] = other
+    (out / "config.json").write_text(json.dumps(config))
+    stored, during = lfm2vl.load(out).module.state_dict(), lfm2vl.load(quantize="int4").module.state_dict()
+    assert all(torch.equal(stored[k], during[k]) for k in during)
+    config["quantization_config"]["block_rows"] = 48
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="block_rows 48"):
+        lfm2vl.load(out)
 
 
 def test_a_quantized_model_moved_or_cast_still_shares_its_table():
