@@ -14,8 +14,9 @@ not depend on its neighbours in a batch:
   reading a quarter of the fp32 bytes, with the activations in bfloat16 whatever the compute dtype:
   the GEMV's float32 path is not vectorized (1.8 against 9.7-12 G weights/s in bf16, with torch and
   oneDNN held to AVX2 and on AVX-512; docs/performance.md);
-- more decode rows, or a torch without a CPU int8 matmul: the int8 weight is widened to the compute
-  dtype a block of rows at a time and multiplied there (`widened_linear`).
+- more decode rows, or prompt rows where torch's CPU int8 matmul is missing or inexact (no
+  AVX512-VNNI: `int8_matmul_available`): the int8 weight is widened to the compute dtype a block of
+  rows at a time and multiplied there (`widened_linear`).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
 float32. On a GPU every call widens the weight (correct, but no faster than bf16: a GPU int8 kernel
 is still to come). Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.

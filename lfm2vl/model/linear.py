@@ -2,9 +2,9 @@
 
 torch's float32 `F.linear` on the CPU calls MKL's sgemm; oneDNN's float32 matmul (the kernel torch
 already uses for bfloat16) gives the same float32 products, summed in another order, and on a
-2-core AMD EPYC (AVX-512) it ran 1.25-1.35x faster at 1,024 rows and 2.3-2.6x faster for one row
-(`python benchmarks/bench_kernels.py`, docs/performance.md): MKL picks its AVX2 kernels on AMD
-CPUs. oneDNN also applies GELU / SiLU to the accumulator before writing it out (the activation
+2-core AMD EPYC (AVX-512) it ran 1.47x faster at 1,024 rows, 2.9x for one row, and streamed cold
+weights 1.8x faster (`python benchmarks/bench_kernels.py`, docs/performance.md): MKL runs its AVX2
+code on AMD CPUs. oneDNN also applies GELU / SiLU to the accumulator before writing it out (the activation
 costs a pass over memory otherwise: 9% of the vision tower's time in float32).
 
 `linear` takes that path for float32 CPU inference (no autograd: the op has no backward) and is
