@@ -1,0 +1,65 @@
+"""lfm2vl/model/linear.py: the float32 CPU linear layers (oneDNN, activations in the epilogue) compute
+what F.linear and torch's activations compute, fall back where the fast op cannot serve (autograd,
+other dtypes), and keep nn.Linear's parameters."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfm2vl.model import linear as L
+
+
+@pytest.mark.parametrize("act", L.ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(1, 256), (3, 7, 256), (0, 256), (2, 5, 256)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_its_activation_is_f_linear_then_the_activation(act, shape, bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(320, 256) / 16
+    b = torch.randn(320) if bias else None
+    if len(shape) == 3 and shape[0] == 2:
+        x = torch.randn(5, 2, 256).transpose(0, 1)  # a strided input
+    with torch.inference_mode():
+        got = L.linear(x, w, b, act)
+    expected = L.activate(F.linear(x, w, b), act)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_mul_and_the_module_helpers():
+    torch.manual_seed(0)
+    layer, gate = L.Linear(64, 96, bias=False), L.Linear(64, 96, bias=False)
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        fused = L.apply_mul(layer, x, L.apply(gate, x, "silu"))
+        assert torch.equal(L.apply(layer, x), layer(x))
+    torch.testing.assert_close(fused, F.linear(x, layer.weight) * F.silu(F.linear(x, gate.weight)), rtol=1e-5, atol=1e-5)
+
+    class Wrapped(torch.nn.Module):  # a quantized layer or a LoRA wrapper: runs as itself, then the activation
+        def forward(self, x):
+            return x * 2
+
+    assert torch.equal(L.apply(Wrapped(), x, "gelu"), F.gelu(x * 2))
+    assert torch.equal(L.apply_mul(Wrapped(), x, x), x * 2 * x)
+
+
+def test_training_takes_f_linear_and_gets_gradients():
+    torch.manual_seed(0)
+    layer = L.Linear(32, 48)
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(4, 32, requires_grad=True)
+    L.apply(layer, x, "gelu_tanh").sum().backward()
+    ref = layer.weight.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    F.gelu(F.linear(xr, ref, layer.bias.detach()), approximate="tanh").sum().backward()
+    torch.testing.assert_close(layer.weight.grad, ref.grad)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_other_dtypes_and_the_switch_keep_torch_linear(monkeypatch):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(80, 64).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(L.linear(x, w), F.linear(x, w))
+        monkeypatch.setattr(L, "ONEDNN_FLOAT32", False)
+        xf, wf = x.float(), w.float()
+        assert torch.equal(L.linear(xf, wf, None, "silu"), F.silu(F.linear(xf, wf)))
