@@ -1,12 +1,13 @@
 """Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant.py chooses from.
 
 One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, with the weight in
-fp32 (torch's F.linear, MKL, and oneDNN's float32 matmul, which lfm2vl/model/linear.py uses), bf16, int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply a
-block of rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scale per
-tensor, and lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`) and int4 (lfm2vl's
-Int4Linear: torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot in cache; then the rate at which
-decode can stream weights from memory (50 different weights, cold; int8, int4 weight-only and
-bf16): the bound on decode speed, since every token reads every weight once. Last, one decode
+fp32 (torch's F.linear, MKL, and oneDNN's float32 matmul, which lfm2vl/model/linear.py uses), bf16,
+int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply a block of
+rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scale per tensor, and
+lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`) and int4 (lfm2vl's Int4Linear:
+torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot
+in cache; then the rate at which decode can stream weights from memory (50 different weights,
+cold; int8, int4 weight-only, bf16 and fp32): the bound on decode speed, since every token reads every weight once. Last, one decode
 step of attention (one query, 16 heads over 8 KV heads, 1,400 keys) in bf16: SDPA against
 lfm2vl's `one_query_attention`, and one conv-layer tap: conv1d against the dot product.
 

@@ -238,11 +238,10 @@ def int4_available() -> str | None:
     return None
 
 
-def _unpack_nibbles(packed: torch.Tensor, n: int, k: int, block: int | None = None) -> torch.Tensor:
+def _unpack_nibbles(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
     """torch's CPU int4 packing (torch 2.6-2.13) -> (n, k) uint8 in 0..15. Each block of `block` output
-    rows (64 where torch's kernels use AVX-512, 32 with AVX2; default: this CPU's) is (k, block / 2)
-    bytes: byte [kk, j] holds row j in its low nibble and row block / 2 + j in its high one."""
-    block = block or int4_block()
+    rows (64 where torch's kernels use AVX-512, 32 with AVX2: `int4_block`) is (k, block / 2) bytes:
+    byte [kk, j] holds row j in its low nibble and row block / 2 + j in its high one."""
     b = packed.view(n // block, k, block // 2)
     return torch.stack((b & 15, b >> 4), 1).transpose(2, 3).reshape(n, k)
 
@@ -320,8 +319,8 @@ class Int4Linear(_QuantizedLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); .to: a no-op unless the model was cast
-                x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros.to(torch.bfloat16))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply)
+                x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
         else:  # widened to the compute dtype: float32 where the CPU has no native bf16 (an emulated bf16 GEMM is slow)
             wide = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
             y = widened_linear(x2.to(wide), self.out_features, lambda i, j: self.dequantized(wide, i, j))

@@ -202,7 +202,7 @@ def test_an_int4_checkpoint_written_on_another_kind_of_cpu_loads_repacked(tmp_pa
     for key, t in tensors.items():
         if key.endswith(".qweight") and t.dtype == torch.uint8:
             n, k = t.shape[0], t.shape[1] * 2
-            tensors[key] = _pack_int4(_unpack_nibbles(t, n, k).int(), other)
+            tensors[key] = _pack_int4(_unpack_nibbles(t, n, k, int4_block()).int(), other)
     save_file(tensors, out / "model.int4.safetensors")
     config["quantization_config"]["block_rows"] = other
     (out / "config.json").write_text(json.dumps(config))
