@@ -237,6 +237,32 @@ def test_one_query_attention_is_sdpa():
         assert torch.allclose(one_query_attention(q, kt, v, m), expected, atol=1e-5)
         got = one_query_attention(q.bfloat16(), kt.bfloat16(), v.bfloat16(), m).float()
         assert torch.allclose(got, expected, atol=3e-2), (got - expected).abs().max()
+        # a bf16 query over the CPU's float32 cache of bf16 values: bf16 out, closer than all-bf16
+        wide = one_query_attention(q.bfloat16(), kt.bfloat16().float(), v.bfloat16().float(), m)
+        assert wide.dtype == torch.bfloat16
+        assert (wide.float() - expected).abs().max() <= (got - expected).abs().max()
+
+
+def test_cpu_half_precision_cache_keeps_float32_kv_of_the_same_values():
+    """A bf16 model's cache on the CPU holds K/V in float32 (a bf16 CPU matmul JITs a kernel for every
+    new number of keys: lfm2vl.py); writes keep the bf16 values exactly, a prefix reads out in bf16."""
+    model = lfm2vl.load(dtype="bfloat16")
+    net = model.module
+    cache = net.make_cache(2, 16)
+    assert cache.dtype == torch.bfloat16 and cache.kv_dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in [*cache.kt.values(), *cache.v.values()])
+    assert all(t.dtype == torch.bfloat16 for t in cache.conv.values())
+    ids = torch.randint(0, net.cfg.text.vocab_size, (1, 9))
+    with torch.inference_mode():
+        net.forward(ids, cache=cache.view([1], 9), logits_to_keep=1)
+    state = cache.read_prefix(1, 9)
+    layer = net.cfg.text.attention_layers[0]
+    assert state.k[layer].dtype == torch.bfloat16 and state.k[layer].shape[1] == 9
+    assert torch.equal(state.k[layer].float(), cache.kt[layer][1, :, :, :9].transpose(-1, -2))
+    assert torch.equal(state.v[layer].float(), cache.v[layer][1, :, :9])
+    cache.write_prefix(0, state, 9, state.conv)  # round trip into another slot
+    assert torch.equal(cache.kt[layer][0, :, :, :9], cache.kt[layer][1, :, :, :9])
+    assert net.to(torch.float32).make_cache(1, 4).kv_dtype == torch.float32  # fp32: one dtype
 
 
 def test_bfloat16_decoding_follows_its_own_full_forward():

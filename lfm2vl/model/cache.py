@@ -12,6 +12,10 @@
   host (for shapes: how many keys a step attends over);
 - RoPE cos/sin tables for every position, computed once (grown with the cache).
 
+K and V may be kept in a wider dtype than the compute dtype (`kv_dtype`; the model asks for float32
+on the CPU, lfm2vl.py says why); they hold the compute dtype's values exactly, and a prefix is read
+out in the compute dtype.
+
 A step over some slots is a `CacheView` (`cache.view(rows, t)`): it carries the positions, the
 attention mask and the write targets, all built without reading the device. A conv state cannot be
 rewound, so prefix reuse copies KV rows plus a conv state captured at exactly the reused boundary
@@ -57,8 +61,10 @@ class HybridCache:
         max_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.cfg, self.slots, self.device, self.dtype = cfg, slots, torch.device(device), dtype
+        self.kv_dtype = kv_dtype or dtype
         self.max_len = 0
         self.kt: dict[int, torch.Tensor] = {}  # layer -> (S, Hkv, Dh, max_len)
         self.v: dict[int, torch.Tensor] = {}  # layer -> (S, Hkv, max_len, Dh)
@@ -78,8 +84,8 @@ class HybridCache:
             return
         c = self.cfg
         for i in c.attention_layers:
-            kt = torch.zeros(self.slots, c.num_key_value_heads, c.head_dim, max_len, device=self.device, dtype=self.dtype)
-            v = torch.zeros(self.slots, c.num_key_value_heads, max_len, c.head_dim, device=self.device, dtype=self.dtype)
+            kt = torch.zeros(self.slots, c.num_key_value_heads, c.head_dim, max_len, device=self.device, dtype=self.kv_dtype)
+            v = torch.zeros(self.slots, c.num_key_value_heads, max_len, c.head_dim, device=self.device, dtype=self.kv_dtype)
             if i in self.kt:
                 kt[..., : self.max_len] = self.kt[i]
                 v[:, :, : self.max_len] = self.v[i]
@@ -100,8 +106,9 @@ class HybridCache:
         """Copy out KV rows [0, length) of `slot`; the conv state is the slot's current one unless given."""
         if length > self.host_lengths[slot]:
             raise ValueError(f"slot {slot} holds {self.host_lengths[slot]} positions, not {length}")
-        k = {i: t[slot, :, :, :length].transpose(-1, -2).contiguous() for i, t in self.kt.items()}
-        v = {i: t[slot, :, :length].clone() for i, t in self.v.items()}
+        k = {i: t[slot, :, :, :length].transpose(-1, -2).to(self.dtype, copy=True, memory_format=torch.contiguous_format)
+             for i, t in self.kt.items()}
+        v = {i: t[slot, :, :length].to(self.dtype, copy=True) for i, t in self.v.items()}
         if conv is None:
             conv = self.conv_snapshot(slot)
         return PrefixState(length, k, v, conv)
@@ -174,8 +181,8 @@ class CacheView:
         kt, vc = self.cache.kt[layer], self.cache.v[layer]
         rows = self.index[:, None]  # (B, 1) broadcast against positions (B, T)
         # advanced indices at dims 0 and 3 (K^T) or 0 and 2 (V) put (B, T) first: values are (B, T, Hkv, Dh)
-        kt[rows, :, :, self.positions] = k.transpose(1, 2)
-        vc[rows, :, self.positions] = v.transpose(1, 2)
+        kt[rows, :, :, self.positions] = k.transpose(1, 2).to(kt.dtype)
+        vc[rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
         if self.block is not None:
             return kt[self.block, ..., : self.kv_len], vc[self.block, :, : self.kv_len]
         return kt[..., : self.kv_len].index_select(0, self.index), vc[:, :, : self.kv_len].index_select(0, self.index)

@@ -38,8 +38,15 @@ class Lfm2Vl(nn.Module):
         return self.language_model.embedding_norm.weight.dtype
 
     def make_cache(self, slots: int, max_len: int) -> HybridCache:
-        """Decoding state for `slots` independent sequences of up to `max_len` positions (grows on demand)."""
-        return HybridCache(self.cfg.text, slots, max_len, self.device, self.dtype)
+        """Decoding state for `slots` independent sequences of up to `max_len` positions (grows on demand).
+
+        On the CPU, K and V of a bf16/fp16 model are kept in float32 (the same values): a decode step
+        then multiplies the query by them in float32, where torch's bf16 CPU matmul builds (JIT) a new
+        oneDNN kernel for every new number of keys, i.e. on every token, keeping ~1 MB of each: 2.4 ms
+        and 1.3 MB a token on the 450M (docs/performance.md).
+        """
+        kv_dtype = torch.float32 if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16) else None
+        return HybridCache(self.cfg.text, slots, max_len, self.device, self.dtype, kv_dtype)
 
     # -- images ---------------------------------------------------------------------------------
     def encode_images(

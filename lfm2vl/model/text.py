@@ -54,11 +54,11 @@ def one_query_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, mask
     """
     b, h, _, dh = q.shape
     hkv = kt.shape[1]
-    qg = q.reshape(b, hkv, h // hkv, dh) * dh**-0.5  # (B, Hkv, G, Dh)
+    qg = (q.reshape(b, hkv, h // hkv, dh) * dh**-0.5).to(kt.dtype)  # (B, Hkv, G, Dh), in the cache's dtype
     scores = torch.matmul(qg, kt).float()  # (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, h, 1, dh)
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, h, 1, dh).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -85,7 +85,9 @@ class Attention(nn.Module):
             if t == 1:
                 o = one_query_attention(q, kt, v, ctx.attn_mask)  # (B, H, 1, Dh)
                 return self.out_proj(o.transpose(1, 2).reshape(b, t, -1))
-            k = kt.transpose(-1, -2).contiguous()  # SDPA's kernels want (S, Dh) rows: one copy per chunk
+            # SDPA's kernels want (S, Dh) rows in the query's dtype: one copy per chunk
+            k = kt.transpose(-1, -2).to(q.dtype, copy=True, memory_format=torch.contiguous_format)
+            v = v.to(q.dtype)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_heads != self.n_kv
         )  # (B, H, T, Dh)
