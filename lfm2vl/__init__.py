@@ -4,6 +4,10 @@
     logits = model(**model.processor(text=..., images=...))
 """
 
+from .memory import bound_kernel_caches
+
+bound_kernel_caches()  # before any oneDNN kernel runs in this process (lfm2vl/memory.py)
+
 from .api import Model, load
 from .config import Lfm2VlConfig, TextConfig, VisionConfig, model_config
 

@@ -22,13 +22,13 @@ ALLOWED = {
     "quant": {"model"},  # model/linear.py: the float32 matmul of widened weights
     "budget": {"processing"},
     "api": {"budget", "bundled", "completion", "config", "engine", "hub", "model", "processing", "quant", "sampling", "weights"},
-    "__init__": {"api", "config", "engine", "processing"},
+    "__init__": {"api", "config", "engine", "memory", "processing"},
     "eval": set(),
     "train": {"lfm2vl", "api", "config", "eval", "model", "weights"},
     "server": {"lfm2vl", "api", "budget", "completion", "engine", "processing", "sampling"},
     "cli": {"lfm2vl", "api", "bench", "budget", "bundled", "config", "engine", "eval", "processing", "quant", "sampling", "server", "train",
             "weights"},
-    "bench": {"lfm2vl", "api", "bundled", "config", "model", "processing", "quant", "weights"},
+    "bench": {"lfm2vl", "api", "bundled", "config", "memory", "model", "processing", "quant", "weights"},
     "__main__": {"cli"},
 }
 FORBIDDEN_EVERYWHERE = {"transformers", "torchvision"}

@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from ..memory import unbound_kernel_caches
 from .workload import INSTALL_REFERENCE, conversation, median_run, peak_rss_mb
 
 
 def _import_transformers():
+    unbound_kernel_caches()  # importing lfm2vl capped oneDNN's caches; the reference runs with torch's defaults
     try:
         torch.ops.torchvision.nms  # noqa: B018  (a torchvision built for this torch is already registered)
     except (AttributeError, RuntimeError):
