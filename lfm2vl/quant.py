@@ -88,13 +88,18 @@ def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     m, out_features = x2.shape[0], qweight.shape[0]
     step = max(16, DYNAMIC_BLOCK_BYTES // (4 * out_features))
     y = x2.new_empty(m, out_features)
-    w_t, w_scale = qweight.t(), scale.to(x2.dtype)
+    # float16 cannot hold the int32 sums (up to 127 * 127 * in > 65504): they are scaled in float32 first
+    narrow = x2.dtype == torch.float16
+    w_t, w_scale = qweight.t(), scale.to(torch.float32 if narrow else x2.dtype)
     for i in range(0, m, step):
         xf = x2[i : i + step].to(torch.float32, copy=True)  # quantized in this copy, never in x2 itself
         # max |x| per row as two reductions (no |x| temporary; 30x faster here than vector_norm(inf))
         row_scale = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_()).clamp_(min=1e-12).div_(127.0)
         xq = xf.div_(row_scale).round_().to(torch.int8)  # (rows, in), |xq| <= 127
         block = y[i : i + step]
+        if narrow:
+            block.copy_(torch._int_mm(xq, w_t).float().mul_(row_scale).mul_(w_scale))
+            continue
         block.copy_(torch._int_mm(xq, w_t))  # exact int32 sums, rounded to y's dtype
         block.mul_(row_scale.to(x2.dtype)).mul_(w_scale)
     return y

@@ -236,7 +236,9 @@ def load_weights(
                 shell = model.get_submodule(name.removesuffix(".qweight"))  # an Int4Linear: (out, in)
                 state[name] = repack_int4(t, shell.out_features, shell.in_features, stored_block).to(device)
             else:
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                # int4 scales stay bf16 whatever the compute dtype: the kernel takes no other (quant.py)
+                keep = not t.is_floating_point() or name.endswith(".scales_zeros")
+                state[name] = t.to(device=device, dtype=t.dtype if keep else dtype)
             del t
             if quantized:
                 release_freed_memory()

@@ -160,6 +160,26 @@ def test_a_quantized_checkpoint_loads_straight_into_place(tmp_path, scheme, max_
 
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again")
+    # any compute dtype (float32 is the default on CPUs without native bf16): int4 scales stay bf16
+    wide = lfm2vl.load(out, dtype="float32")
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(ROOT / "examples/red_circle.png")},
+                                         {"type": "text", "text": "what shape is in the image?"}]}]
+    assert wide.generate(conv) == "circle"
+    if scheme == "int4":
+        assert all(m.scales_zeros.dtype == torch.bfloat16 for m in wide.module.modules() if isinstance(m, Int4Linear))
+
+
+@pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no CPU int8 x int8 matmul")
+def test_int8_prompt_rows_in_float16_do_not_overflow():
+    """The int32 sums (up to 127 * 127 * in) exceed float16's range: they are scaled in float32 first."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    q = Int8Linear.from_linear(linear, torch.float16)
+    x = torch.randn(1, 10, 256)
+    got = q(x.half()).float()
+    expected = q.to(torch.float32)(x)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=2e-2, rtol=1e-2), (got - expected).abs().max()
 
 
 def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
