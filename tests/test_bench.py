@@ -42,13 +42,20 @@ def test_compare_runs_the_reference_on_the_same_inputs(tmp_path):
     assert {"ref_total_s", "ref_peak_rss_mb", "speedup", "rss_ratio"} <= set(out)
     assert out["speedup"] == pytest.approx(out["ref_total_s"] / out["total_s"], rel=1e-2)
     assert "transformers float32" in r.stdout
+    # a dtype alias reaches both sides as its name; one new token has no decode speed to report
+    out, r = _bench("--model", folder, "--runs", "1", "--warmup", "0", "--max-new-tokens", "1", "--dtype", "bf16",
+                    "--compare", "transformers", timeout=900)
+    assert out["dtype"] == out["ref_dtype"] == "bfloat16" and "transformers bfloat16" in r.stdout
+    assert out["decode_tok_s"] is None and out["ref_decode_tok_s"] is None
 
 
 def test_bench_argument_errors_are_one_line():
     for args, phrase in ((("--runs", "0"), "--runs must be >= 1"), (("--image", "nope.png"), "--image nope.png"),
                          (("--model", BUNDLED, "--preset", "450M"), "--model or --preset"),
                          (("--sweep", "--image", ROOT / "examples/red_circle.png"), "--sweep times its own"),
-                         (("--plot", "/no/such/dir/x.png"), "--plot")):
+                         (("--plot", "/no/such/dir/x.png"), "--plot"), (("--plot", "bars.txt"), "end it with .png"),
+                         (("--plot", ROOT), "is a folder"), (("--image", ROOT), "is a directory"),
+                         (("--image", ROOT / "README.md"), "--image")):
         r = subprocess.run([sys.executable, "-m", "lfm2vl", "bench", *map(str, args)], capture_output=True,
                            text=True, timeout=120, cwd=ROOT)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, r.stderr

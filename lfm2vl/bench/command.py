@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -75,10 +76,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("give --model or --preset, not both")
     if args.adapter is not None:
         raise ValueError("bench measures a checkpoint as saved: merge the adapter first (lfm2vl train writes model/)")
-    if args.image is not None and not Path(args.image).is_file():
-        raise ValueError(f"--image {args.image}: no such file")
-    if args.plot is not None and not Path(args.plot).expanduser().resolve().parent.is_dir():
-        raise ValueError(f"--plot {args.plot}: its folder does not exist")
+    if args.image is not None:
+        args.image = str(_readable_image(args.image))
+    if args.plot is not None:
+        args.plot = str(_plot_path(args.plot))
+    if args.threads is not None and args.threads > (os.cpu_count() or args.threads):
+        print(f"warning: --threads {args.threads} is more than this machine's {os.cpu_count()} cores: the runs "
+              "will be oversubscribed", file=sys.stderr)
     if args.sweep and args.image is not None:
         raise ValueError("--sweep times its own random images of each side: drop --image, or drop --sweep")
     if args.compare and args.model is not None:
@@ -92,6 +96,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args._check_model_args(args)
     import torch
 
+    from ..api import parse_dtype
+
+    dtype = parse_dtype(args.dtype)  # aliases (bf16, half, auto) -> the names both sides read
+    dtype = None if dtype is None else str(dtype).removeprefix("torch.")
     info = machine()
     print(f"machine: {info.get('cpu')}; {info.get('cpu_flags', '')}; {info['cores']} cores; torch {info['torch']}"
           + (f"; GPU {info['gpu']}" if "gpu" in info else ""), file=sys.stderr)
@@ -99,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         image = workload_image(args.image, Path(tmp))
         spec = {"model": model, "image": str(image), "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-                "device": args.device, "dtype": args.dtype, "threads": args.threads or torch.get_num_threads(),
+                "device": args.device, "dtype": dtype, "threads": args.threads or torch.get_num_threads(),
                 "quantize": args.quantize, "latency_target": args.latency_target,
                 "runs": args.runs, "warmup": args.warmup}
         results = [_run_side({**spec, "system": "lfm2vl"})]
@@ -114,13 +122,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = _summary(results, info, args, model)
     if sweep is not None:
         summary["sweep"] = sweep
+    print(json.dumps(summary))  # before the plot: a failure to draw loses no measurement
     if args.plot:
         from .plot import plot_bars
 
         plot_bars(results, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
-    print(json.dumps(summary))
     return 0
+
+
+def _readable_image(path: str) -> Path:
+    """--image, checked before any model loads: a file PIL can decode within the processor's limits."""
+    from ..processing import ImageError, load_image
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"--image {path}: is a directory, not an image file")
+    if not p.is_file():
+        raise ValueError(f"--image {path}: no such file")
+    try:
+        load_image(p)
+    except ImageError as e:
+        raise ValueError(f"--image {path}: {e}") from e
+    return p
+
+
+def _plot_path(path: str) -> Path:
+    """--plot, checked before the runs: an existing folder and an image format PIL can write."""
+    from PIL import Image
+
+    p = Path(path).expanduser()
+    if not p.resolve().parent.is_dir():
+        raise ValueError(f"--plot {path}: its folder does not exist")
+    if p.is_dir():
+        raise ValueError(f"--plot {path}: is a folder; give a file name such as bars.png")
+    savable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if p.suffix.lower() not in savable:
+        raise ValueError(f"--plot {path}: not an image file name PIL can write; end it with .png (or .jpg, .webp)")
+    return p
 
 
 def _sweep(spec: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
@@ -140,7 +179,7 @@ def _sweep(spec: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
 def _print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     names = [_name(r) for r in results]
     print(f"{args.max_new_tokens} new tokens, {results[0]['threads']} threads, median of {args.runs} run(s)")
-    print(f"{'':<22}" + "".join(f"{n:>22}" for n in names) + ("".join(["  ratio"]) if len(results) > 1 else ""))
+    print(f"{'':<22}" + "".join(f"{n:>22}" for n in names) + ("  ratio (> 1: lfm2vl better)" if len(results) > 1 else ""))
     for key, label, unit in ROWS:
         values = [r.get(key) for r in results]
         cells = "".join(f"{_fmt(v, unit):>22}" for v in values)

@@ -58,7 +58,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         preprocess = (prepared - start) + timers["pixels"]
         return {
             "preprocess_s": preprocess, "vision_s": timers["vision"], "prefill_s": ttft - preprocess - timers["vision"],
-            "ttft_s": ttft, "decode_tok_s": done.generation_tps, "total_s": total,
+            "ttft_s": ttft, "total_s": total,
+            "decode_tok_s": done.generation_tps if done.completion_tokens > 1 else None,  # one token: no decode
             "new_tokens": done.completion_tokens, "prompt_tokens": done.prompt_tokens,
             "image_tokens": sum(img.tokens for img in request.images),
             "crops": sum(len(img.plan.crops) for img in request.images),

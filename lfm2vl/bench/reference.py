@@ -90,7 +90,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             runs.append({
                 "preprocess_s": prepared - start, "vision_s": timers["vision"],
                 "prefill_s": first - prepared - timers["vision"], "ttft_s": first - start,
-                "decode_tok_s": (new - 1) / (end - first) if new > 1 and end > first else 0.0,
+                "decode_tok_s": (new - 1) / (end - first) if new > 1 and end > first else None,  # one token: no decode
                 "total_s": end - start, "new_tokens": int(new), "prompt_tokens": int(inputs["input_ids"].shape[1]),
                 "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
             })
