@@ -99,9 +99,9 @@ def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
         block = y[i : i + step]
         if narrow:
             block.copy_(torch._int_mm(xq, w_t).float().mul_(row_scale).mul_(w_scale))
-            continue
-        block.copy_(torch._int_mm(xq, w_t))  # exact int32 sums, rounded to y's dtype
-        block.mul_(row_scale.to(x2.dtype)).mul_(w_scale)
+        else:
+            block.copy_(torch._int_mm(xq, w_t))  # exact int32 sums, rounded to y's dtype
+            block.mul_(row_scale.to(x2.dtype)).mul_(w_scale)
     return y
 
 
@@ -324,7 +324,7 @@ class Int4Linear(_QuantizedLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         if x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
         else:  # widened to the compute dtype: float32 where the CPU has no native bf16 (an emulated bf16 GEMM is slow)
             wide = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
