@@ -16,11 +16,13 @@ The result is cached per model, device, dtype, quantization, thread count, CPU a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ class BudgetChoice:
     image_tokens: int
     predicted_ttft_s: float
     latency_target_s: float
-    meets_target: bool  # False: even the smallest budget is predicted slower than the target
+    meets_target: bool  # False: even the fastest budget is predicted slower than the target
 
 
 def check_target(max_image_tokens: Any, latency_target: Any) -> float | None:
@@ -110,12 +112,19 @@ def calibrate(model: Any, repeats: int = 2) -> Calibration:
     """Measure prefill and vision costs on this device (a few seconds for LFM2-VL-450M on 2 cores).
 
     Every prompt is new (random token ids, random pixels), so neither the prefix nor the image cache
-    answers; each point is the fastest of `repeats` runs after one warm-up.
+    answers; each point is the fastest of `repeats` runs after one warm-up. The prompts fit the
+    engine's context (a checkpoint with a short one calibrates on shorter prompts).
     """
     start = time.perf_counter()
     vocab = model.config.text.vocab_size
     g = torch.Generator().manual_seed(1234)
     seed = iter(range(10**6))
+    room = model.engine.max_len - 1  # prompt positions left beside the one token each run generates
+    large = min(512, room)
+    small = min(64, large // 4)
+    if small < 4:
+        raise ValueError(f"a context of {model.engine.max_len} positions is too short to calibrate the image "
+                         "budget; set max_image_tokens instead of auto")
 
     image_token = model.processor.image_token_id
 
@@ -123,32 +132,45 @@ def calibrate(model: Any, repeats: int = 2) -> Calibration:
         ids = [i if i != image_token else i + 1 for i in torch.randint(100, vocab - 1, (n,), generator=g).tolist()]
         return _time_first_token(model, model.text_request(ids, max_new_tokens=1))
 
-    def image_ttft(side: int) -> tuple[float, int, TilePlan]:
+    def image_ttft(side: int, budget: int) -> tuple[float, int, TilePlan]:
         conv = [{"role": "user", "content": [{"type": "image", "image": _random_image(side, next(seed))},
                                              {"type": "text", "text": "Describe."}]}]
-        request = model.request(conv, max_new_tokens=1, do_image_splitting=False, max_image_tokens=256,
-                                min_image_tokens=16)
+        request = model.request(conv, max_new_tokens=1, do_image_splitting=False, max_image_tokens=budget,
+                                min_image_tokens=min(16, budget))
         return _time_first_token(model, request), len(request.ids), request.images[0].plan
 
-    text_ttft(32)  # warm-up: lazy initialisation, allocator
-    small, large = 64, 512
+    text_ttft(small)  # warm-up: lazy initialisation, allocator
     t_small = min(text_ttft(small) for _ in range(repeats))
     t_large = min(text_ttft(large) for _ in range(repeats))
     p1 = max((t_large - t_small) / (large - small), 0.0)
     p0 = max(t_small - p1 * small, 0.0)
-    image_ttft(256)  # warm-up of the vision path
+    # the text around an image (chat template, image markers) stays under 64 tokens
+    budget = min(256, max(4, room - 64))
+    image_ttft(256, budget)  # warm-up of the vision path
     points = []
     for side in (256, 512):
-        runs = [image_ttft(side) for _ in range(repeats)]
+        runs = [image_ttft(side, budget) for _ in range(repeats)]
         t, tokens, plan = min(runs, key=lambda r: r[0])
         patches = plan.spatial_shapes[0][0] * plan.spatial_shapes[0][1]
         points.append((patches, max(t - p0 - p1 * tokens, 0.0)))
     (n1, t1), (n2, t2) = points  # solve v1 n + v2 n^2 = t through both points
-    v2 = (t2 / n2 - t1 / n1) / (n2 - n1)
-    v1 = t1 / n1 - v2 * n1
+    if n2 == n1:  # a small budget gave both images the same patches: linear through that point
+        v1, v2 = t2 / n2, 0.0
+    else:
+        v2 = (t2 / n2 - t1 / n1) / (n2 - n1)
+        v1 = t1 / n1 - v2 * n1
     if v1 < 0 or v2 < 0:  # noise: fall back to linear through the larger point
         v1, v2 = t2 / n2, 0.0
     return Calibration(p0, p1, v1, v2, time.perf_counter() - start)
+
+
+def degenerate(cal: Calibration) -> bool:
+    """A calibration that measured no cost per token or per patch (a timer too coarse, a machine busy
+    in the wrong moment): every budget would look free, so it is kept for this process only, not cached."""
+    return cal.prefill_per_token_s <= 0 or cal.vision_per_patch_s + cal.vision_per_patch2_s <= 0
+
+
+_THIS_PROCESS: dict[str, Calibration] = {}  # calibrations not in the cache file (degenerate, or it was unwritable)
 
 
 def calibration(model: Any, recalibrate: bool = False) -> Calibration:
@@ -158,17 +180,32 @@ def calibration(model: Any, recalibrate: bool = False) -> Calibration:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         stored = {}
+    if not recalibrate and key in _THIS_PROCESS:
+        return _THIS_PROCESS[key]
     if not recalibrate and isinstance(stored.get(key), dict):
         try:
             return Calibration(**stored[key])
         except TypeError:
             pass  # an older layout: measure again
     cal = calibrate(model)
+    if degenerate(cal):
+        warnings.warn(f"the image-budget calibration measured no cost per token or per patch ({cal}); this "
+                      "process uses it, but it is not cached: the next process measures again", stacklevel=2)
+        _THIS_PROCESS[key] = cal
+        return cal
+    _THIS_PROCESS.pop(key, None)
     stored[key] = asdict(cal)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stored, indent=1))
-    tmp.replace(path)  # atomic: concurrent processes never read half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(stored, indent=1))
+        tmp.replace(path)  # atomic: concurrent processes never read half a file
+    except OSError as e:  # a read-only home, a full disk: the measurement is still good for this process
+        warnings.warn(f"could not cache the image-budget calibration in {path} ({e}); set LFM2VL_CACHE to a "
+                      "writable folder to keep it between runs", stacklevel=2)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        _THIS_PROCESS[key] = cal
     return cal
 
 
@@ -190,7 +227,8 @@ def candidates(defaults: Any, fixed: dict[str, Any]) -> list[dict[str, Any]]:
 
 def choose(processor: Any, cal: Calibration, sizes: list[tuple[int, int]], text_tokens: int,
            latency_target_s: float, fixed: dict[str, Any]) -> BudgetChoice:
-    """The largest budget (most image tokens) predicted to meet the target; else the smallest one."""
+    """The largest budget (most image tokens) predicted to meet the target; else the fastest one (the
+    smallest among budgets predicted equally fast)."""
     scored, refused = [], None
     for settings in candidates(processor.settings, fixed):
         try:
@@ -205,5 +243,5 @@ def choose(processor: Any, cal: Calibration, sizes: list[tuple[int, int]], text_
     if fitting:
         tokens, predicted, settings = max(fitting, key=lambda s: (s[0], -s[1]))
     else:
-        tokens, predicted, settings = min(scored, key=lambda s: s[1])
+        tokens, predicted, settings = min(scored, key=lambda s: (s[1], s[0]))
     return BudgetChoice(settings, tokens, predicted, latency_target_s, bool(fitting))

@@ -109,3 +109,40 @@ def test_auto_budget_through_the_api_and_the_command_line(tmp_path, monkeypatch)
     r = subprocess.run([sys.executable, "-m", "lfm2vl", "generate", "--prompt", "hi", "--max-image-tokens", "auto"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "error: --max-image-tokens auto and --latency-target SECONDS go together"
+
+
+def test_when_nothing_fits_equal_predictions_choose_the_smallest_budget():
+    proc = _Processor(FULL)
+    flat = Calibration(prefill_fixed_s=2.0, prefill_per_token_s=0.0, vision_per_patch_s=0.0, vision_per_patch2_s=0.0)
+    c = choose(proc, flat, [(1024, 1024)], 20, 1.0, {})  # every budget predicted 2 s: none meets 1 s
+    assert not c.meets_target
+    smallest = min(proc.plan(1024, 1024, **s).image_tokens for s in candidates(FULL, {}))
+    assert c.image_tokens == smallest
+
+
+def test_a_short_context_an_unwritable_cache_and_a_degenerate_calibration(tmp_path, monkeypatch):
+    import lfm2vl.budget as budget
+
+    real_calibrate = budget.calibrate
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LFM2VL_CACHE", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.setattr(budget, "_THIS_PROCESS", {})
+    model = lfm2vl.load()
+    model.configure_engine(max_len=300)  # the 512-token calibration prompt would not fit
+    with pytest.warns(UserWarning, match="could not cache the image-budget calibration"):
+        first = calibration(model)
+    assert first.prefill_per_token_s > 0 and first.vision_per_patch_s > 0
+    monkeypatch.setattr(budget, "calibrate", lambda *_a, **_k: pytest.fail("measured again"))
+    assert calibration(model) == first  # kept for this process, not measured on every request
+
+    model.configure_engine(max_len=8)
+    with pytest.raises(ValueError, match="too short to calibrate"):
+        real_calibrate(model)
+
+    monkeypatch.setenv("LFM2VL_CACHE", str(tmp_path))
+    flat = Calibration(0.1, 0.0, 0.0, 0.0)
+    monkeypatch.setattr(budget, "calibrate", lambda *_a, **_k: flat)
+    with pytest.warns(UserWarning, match="not cached"):
+        assert calibration(model, recalibrate=True) == flat
+    assert not (tmp_path / "calibration.json").exists()  # the next process measures again

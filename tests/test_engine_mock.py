@@ -170,6 +170,8 @@ def test_stop_strings_stop_ids_min_new_tokens_and_eos():
     assert c.finish_reason == "stop" and c.token_ids == full[: full.index(full[7])]
     r = Request(PROMPTS[3], SamplingParams(max_new_tokens=40, min_new_tokens=30), frozenset({full[7]}))
     assert full[7] not in e.submit(r).result().token_ids[:30]
+    c = e.submit(Request(PROMPTS[3], SamplingParams(max_new_tokens=40), frozenset({full[0]}))).result()
+    assert c.finish_reason == "stop" and c.token_ids == [] and 0 < c.ttft_s <= c.total_s  # a stop first is timed
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_neighbours():

@@ -30,7 +30,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         target = opts.pop("latency_target")
         budget = model.plan_budget(messages, target, **fixed)
         opts = {k: v for k, v in opts.items() if k not in fixed and k != "max_image_tokens"} | budget.settings
-        verdict = "meets" if budget.meets_target else "is the smallest budget and still misses"
+        verdict = "meets" if budget.meets_target else "is the fastest budget and still misses"
         print(f"image budget: {budget.image_tokens} image tokens ({budget.settings}); predicted time to first "
               f"token {budget.predicted_ttft_s:.2f} s {verdict} the {target:g} s target", file=sys.stderr)
     if args.stream:

@@ -106,7 +106,7 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    ttft_s: float = 0.0  # submission -> first token
+    ttft_s: float = 0.0  # submission -> first token (a stop token too); 0 when none came (cancelled, error)
     total_s: float = 0.0
     generation_tps: float = 0.0
     error: str | None = None
@@ -161,9 +161,10 @@ class RequestHandle:
         c = self.completion
         c.text += event.text
         now = time.perf_counter()
+        # a stop token sampled first is a first token too (its event carries no token): TTFT is set
+        if not c.ttft_s and (event.token is not None or event.finish_reason == "stop"):
+            c.ttft_s = now - self.t_submit
         if event.token is not None:
-            if not c.token_ids:
-                c.ttft_s = now - self.t_submit
             c.token_ids.append(event.token)
         c.total_s = now - self.t_submit
         c.cached_tokens = event.cached_tokens
