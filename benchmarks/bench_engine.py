@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import lfm2vl
+from lfm2vl.cpu import cpu_name, vector_flags
 from lfm2vl.engine import Engine, EngineConfig
 
 SHAPES, COLORS = ("circle", "rectangle", "triangle"), ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
@@ -33,13 +34,7 @@ QUESTIONS = ("what shape is in the image?", "what color is the shape?", "is ther
 
 
 def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-        keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
-        name = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1].strip()
-        return f"{name}; {' '.join(sorted(keep))}"
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return f"{cpu_name() or platform.processor() or platform.machine()}; {' '.join(vector_flags())}"
 
 
 def shape_image(rng: random.Random) -> Image.Image:

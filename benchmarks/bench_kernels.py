@@ -66,7 +66,7 @@ def hot() -> dict[int, dict[str, float]]:
                 "fp32_onednn": timed(lambda: onednn_linear(x, w), reps),
                 "bf16": timed(lambda: F.linear(xb, wb), reps),
                 "int8_gemv": timed(lambda: torch.ops.aten._weight_int8pack_mm(xb, w8, sb), reps),
-                "int8_widen_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: w8[i:j].to(torch.bfloat16), sb), reps),
+                "int8_widen_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: w8[i:j].to(torch.bfloat16).mul_(sb[i:j, None])), reps),
                 "int8_dynamic": timed(lambda: dynamic(x), reps),
                 "int8_x_int8_row": timed(lambda: int8_dynamic_linear(xb, w8, sb), reps),
                 "int4_kernel": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .cpu import cpu_name
 from .processing.tiling import TilePlan
 
 TOKEN_STEP = 32  # the single-crop ladder: max_image_tokens from the default down in these steps
@@ -85,18 +86,9 @@ def calibration_key(model: Any) -> str:
     files = sorted(src.glob("*.safetensors")) if src is not None and src.is_dir() else []
     weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
     parts = [str(src), weights, str(model.device), str(model.dtype), model.quantization, torch.get_num_threads(),
-             platform.processor() or platform.machine(), _cpu_name(), torch.__version__]
+             platform.processor() or platform.machine(), cpu_name(), torch.__version__]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _time_first_token(model: Any, request: Any) -> float:

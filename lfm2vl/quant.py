@@ -14,9 +14,10 @@ not depend on its neighbours in a batch:
   reading a quarter of the fp32 bytes, with the activations in bfloat16 whatever the compute dtype:
   the GEMV's float32 path is not vectorized (1.8 against 9.7-12 G weights/s in bf16, with torch and
   oneDNN held to AVX2 and on AVX-512; docs/performance.md);
-- more decode rows, or prompt rows where torch's CPU int8 matmul is missing or inexact (no
-  AVX512-VNNI: `int8_matmul_available`): the int8 weight is widened to the compute dtype a block of
-  rows at a time and multiplied there (`widened_linear`).
+- more decode rows, prompt rows where torch's CPU int8 matmul is missing or inexact (no
+  AVX512-VNNI: `int8_matmul_available`), and bf16 prompt rows on CPUs with AMX-BF16 (faster there:
+  `int8_prompt_products`): the int8 weight is widened to the compute dtype a block of rows at a
+  time and multiplied there (`widened_linear`).
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
 float32. On a GPU every call widens the weight (correct, but no faster than bf16: a GPU int8 kernel
 is still to come). Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
@@ -43,7 +44,8 @@ import functools
 import torch
 from torch import nn
 
-from .model.linear import linear
+from .cpu import cpu_flags
+from .model.linear import activate, linear
 
 QUANTIZE = ("int8", "int4")
 KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's input dtype: left as is
@@ -72,6 +74,16 @@ def int8_matmul_available() -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def int8_prompt_products(dtype: torch.dtype) -> bool:
+    """Whether prompt and image rows in `dtype` multiply int8 x int8 on this CPU (`int8_dynamic_linear`)
+    rather than widen the weight. int8 x int8 where torch._int_mm is exact, except in bfloat16 on a CPU
+    with AMX-BF16: its bf16 GEMM runs on the AMX tiles and torch._int_mm does not, so the widened
+    weight is faster (a 1024 -> 6656 layer at 1,024 rows: 6.7 ms widened, 9.9 ms int8 x int8 with the
+    quantizing, 5.3 ms for a bf16 weight; benchmarks/bench_kernels.py, docs/performance.md) and exact
+    to the int8 weights (no rounding of the activations)."""
+    return int8_matmul_available() and not (dtype == torch.bfloat16 and "amx_bf16" in cpu_flags())
 
 
 def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -127,26 +139,23 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
     return qweight, scale
 
 
-def widened_linear(x2: torch.Tensor, out_features: int, widen, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x2 (M, in) @ W^T -> (M, out) for many rows, with W widened to x2's dtype a block of output rows
-    at a time: `widen(i, j)` gives rows [i, j) of W as (j - i, in). Widening the whole weight at
-    once held a full widened copy beside the activations (33 MB in bf16 for the 1.6B's 2,048 x
-    8,192 layers); a block (WIDEN_BLOCK_BYTES, whole 64-row groups) stays in
-    cache, and measured 8-28% faster (docs/performance.md). The products are the same bits row by
-    row. `scale` (out,) multiplies the output columns."""
+def widened_linear(x2: torch.Tensor, out_features: int, widen, bias: torch.Tensor | None = None,
+                   act: str = "none") -> torch.Tensor:
+    """act(x2 (M, in) @ W^T + bias) -> (M, out) for many rows, with W widened to x2's dtype a block of
+    output rows at a time: `widen(i, j)` gives rows [i, j) of W as (j - i, in), scales applied.
+    Widening the whole weight at once held a full widened copy beside the activations (33 MB in
+    bf16 for the 1.6B's 2,048 x 8,192 layers); a block (WIDEN_BLOCK_BYTES, whole 64-row groups)
+    stays in cache, and measured 8-28% faster (docs/performance.md). Each block's bias and
+    activation are applied in its matmul's epilogue (model/linear.py); the products are the same
+    bits row by row."""
     m, k = x2.shape
     rows = max(64, WIDEN_BLOCK_BYTES // (k * x2.element_size()) // 64 * 64)
     if rows >= out_features:
-        y = linear(x2, widen(0, out_features))
-        return y if scale is None else y * scale
+        return linear(x2, widen(0, out_features), bias, act)
     y = x2.new_empty(m, out_features)
     for i in range(0, out_features, rows):
         j = min(i + rows, out_features)
-        part = linear(x2, widen(i, j))  # (M, j - i)
-        if scale is None:
-            y[:, i:j] = part
-        else:
-            torch.mul(part, scale[i:j], out=y[:, i:j])
+        y[:, i:j] = linear(x2, widen(i, j), None if bias is None else bias[i:j], act)  # (M, j - i)
     return y
 
 
@@ -162,6 +171,7 @@ def prompt_rows(x: torch.Tensor) -> bool:
 
 class _QuantizedLinear(nn.Module):
     KIND = ""
+    FUSES_ACTIVATION = True  # forward(x, act): model/linear.py's `apply` hands it the activation
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> _QuantizedLinear:
@@ -191,20 +201,25 @@ class Int8Linear(_QuantizedLinear):
     def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
         return cls.from_weight(linear.weight, linear.bias, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        """act(x W^T + b), x (..., in) -> (..., out); act one of model/linear.py's ACTIVATIONS (fused
+        into the matmul where the weight is widened)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
-        if prompt_rows(x) and x2.device.type == "cpu" and int8_matmul_available():
+        if prompt_rows(x) and x2.device.type == "cpu" and int8_prompt_products(x2.dtype):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
             # bf16 activations whatever the compute dtype: the GEMV's float32 path is not vectorized
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                    self.scale.to(torch.bfloat16)).to(x2.dtype)  # (M, out)
-        else:
-            y = widened_linear(x2, self.out_features, lambda i, j: self.qweight[i:j].to(x2.dtype), self.scale)
+        else:  # the scale goes into the widened rows, so that bias and activation fuse into the matmul
+            def widen(i: int, j: int) -> torch.Tensor:
+                return self.qweight[i:j].to(x2.dtype).mul_(self.scale[i:j, None])
+
+            return widened_linear(x2, self.out_features, widen, self.bias, act).reshape(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return activate(y, act).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -320,18 +335,22 @@ class Int4Linear(_QuantizedLinear):
         q = torch.where((flat % (2 * half) >= half)[:, None], b >> 4, b & 15)  # (T, in)
         return _dequantize_groups(q, self.scales_zeros[:, flat], torch.bfloat16).view(*ids.shape, k)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        """act(x W^T + b), x (..., in) -> (..., out) (act fused into the matmul where the weight is widened)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
+        out_dtype = x.dtype if self.bias is None else self.bias.dtype
         if x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
-                x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
+                x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros).to(out_dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            y = activate(y, act)
         else:  # widened to the compute dtype: float32 where the CPU has no native bf16 (an emulated bf16 GEMM is slow)
             wide = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
-            y = widened_linear(x2.to(wide), self.out_features, lambda i, j: self.dequantized(wide, i, j))
-        y = y.to(x.dtype if self.bias is None else self.bias.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+            bias = None if self.bias is None else self.bias.to(wide)
+            y = widened_linear(x2.to(wide), self.out_features, lambda i, j: self.dequantized(wide, i, j), bias, act)
+            y = y.to(out_dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

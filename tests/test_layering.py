@@ -16,11 +16,12 @@ ALLOWED = {
     "processing": {"config"},
     "model": {"config"},
     "memory": set(),
+    "cpu": set(),
     "weights": {"config", "memory", "model", "quant"},
     "engine": {"memory", "model", "sampling", "textstream"},
     "completion": {"engine", "sampling"},
-    "quant": {"model"},  # model/linear.py: the float32 matmul of widened weights
-    "budget": {"processing"},
+    "quant": {"cpu", "model"},  # model/linear.py: the float32 matmul of widened weights
+    "budget": {"cpu", "processing"},
     "api": {"budget", "bundled", "completion", "config", "engine", "hub", "model", "processing", "quant", "sampling", "weights"},
     "__init__": {"api", "config", "engine", "memory", "processing"},
     "eval": set(),
@@ -28,7 +29,7 @@ ALLOWED = {
     "server": {"lfm2vl", "api", "budget", "completion", "engine", "processing", "sampling"},
     "cli": {"lfm2vl", "api", "bench", "budget", "bundled", "config", "engine", "eval", "processing", "quant", "sampling", "server", "train",
             "weights"},
-    "bench": {"lfm2vl", "api", "bundled", "config", "memory", "model", "processing", "quant", "weights"},
+    "bench": {"lfm2vl", "api", "bundled", "config", "cpu", "memory", "model", "processing", "quant", "weights"},
     "__main__": {"cli"},
 }
 FORBIDDEN_EVERYWHERE = {"transformers", "torchvision"}

@@ -1,5 +1,5 @@
-"""lfm2vl/model/linear.py: the float32 CPU linear layers (oneDNN, activations in the epilogue) compute
-what F.linear and torch's activations compute, fall back where the fast op cannot serve (autograd,
+"""lfm2vl/model/linear.py: the float32 and bfloat16 CPU linear layers (oneDNN, activations in the
+epilogue) compute what F.linear and torch's activations compute, fall back where the fast op cannot serve (autograd,
 other dtypes), and keep nn.Linear's parameters."""
 
 import pytest
@@ -55,11 +55,29 @@ def test_training_takes_f_linear_and_gets_gradients():
     torch.testing.assert_close(x.grad, xr.grad)
 
 
-def test_other_dtypes_and_the_switch_keep_torch_linear(monkeypatch):
+def test_float16_and_the_switch_keep_torch_linear(monkeypatch):
     torch.manual_seed(0)
-    x, w = torch.randn(3, 64).bfloat16(), torch.randn(80, 64).bfloat16()
+    x, w = torch.randn(3, 64).half(), torch.randn(80, 64).half()
     with torch.inference_mode():
-        assert torch.equal(L.linear(x, w), F.linear(x, w))
+        assert torch.equal(L.linear(x, w, None, "gelu"), F.gelu(F.linear(x, w)))
         monkeypatch.setattr(L, "ONEDNN_FLOAT32", False)
         xf, wf = x.float(), w.float()
         assert torch.equal(L.linear(xf, wf, None, "silu"), F.silu(F.linear(xf, wf)))
+
+
+@pytest.mark.skipif(not L.onednn_bfloat16(), reason="oneDNN runs no native bfloat16 on this CPU")
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu", "silu"])
+def test_bfloat16_applies_the_activation_to_the_float32_accumulator(act):
+    """bf16 takes oneDNN's epilogue too: the activation of the unrounded sums, one bf16 rounding fewer
+    than F.linear then the activation, so closer to the float32 result (and never a pass of its own)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(64, 256).bfloat16(), (torch.randn(384, 256) / 16).bfloat16(), torch.randn(384).bfloat16()
+    with torch.inference_mode():
+        got = L.linear(x, w, b, act)
+        two_roundings = L.activate(F.linear(x, w, b), act)
+        gated = L.linear_mul(x, w, got)
+    exact = L.activate(F.linear(x.float(), w.float(), b.float()), act)
+    assert got.dtype == torch.bfloat16 and not torch.equal(got, two_roundings)
+    assert (got.float() - exact).abs().mean() < (two_roundings.float() - exact).abs().mean()
+    torch.testing.assert_close(got.float(), exact, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gated.float(), F.linear(x.float(), w.float()) * got.float(), rtol=2e-2, atol=5e-2)

@@ -53,6 +53,50 @@ def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
     assert torch.equal(alone, got.reshape(-1, 160)), "a row's result must not depend on the rows beside it"
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_prompt_rows_widen_on_amx_cpus_and_multiply_int8_elsewhere(amx, monkeypatch):
+    """With AMX-BF16 the widened weight's bf16 GEMM beats int8 x int8 (torch._int_mm has no AMX path):
+    bf16 prompt rows multiply the int8 weights unrounded activations there; float32 rows stay int8 x int8."""
+    from lfm2vl import quant
+
+    flags = frozenset({"avx512_vnni", "avx512_bf16"} | ({"amx_bf16", "amx_int8", "amx_tile"} if amx else set()))
+    monkeypatch.setattr(quant, "cpu_flags", lambda: flags)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 160)
+    q = Int8Linear.from_linear(linear, torch.bfloat16)
+    x = torch.randn(1, 40, 96).bfloat16() * torch.linspace(0.1, 10, 96).bfloat16()
+    x[..., 0] = 40  # an outlier channel: each row's int8 grid is coarse for the others
+    widened = F.linear(x.float(), q.qweight.float() * q.scale.float()[:, None], q.bias.float())
+    s = x.float().abs().amax(-1, keepdim=True) / 127
+    int8_by_int8 = F.linear(torch.round(x.float() / s) * s, q.qweight.float() * q.scale.float()[:, None], q.bias.float())
+    got = q(x).float()
+    if not int8_matmul_available():
+        pytest.skip("this torch has no exact CPU int8 x int8 matmul: every CPU widens")
+    assert quant.int8_prompt_products(torch.bfloat16) is not amx and quant.int8_prompt_products(torch.float32)
+    near, far = (widened, int8_by_int8) if amx else (int8_by_int8, widened)
+    # mean errors here: 0.007-0.010 to the kernel taken (bf16 roundings), 0.042-0.044 to the other
+    assert (got - near).abs().mean() < 0.4 * (got - far).abs().mean(), "took the other kernel"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 200])  # a decode row (kernel, then the activation) and prompt rows (widened, fused)
+def test_quantized_layers_take_the_activation_into_their_matmul(scheme, rows):
+    from lfm2vl.model.linear import activate, apply
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 192)
+    cls = Int8Linear if scheme == "int8" else Int4Linear
+    for dtype in (torch.float32, torch.bfloat16):
+        q = cls.from_weight(linear.weight, linear.bias, dtype)
+        x = torch.randn(1, rows, 128).to(dtype)
+        for act in ("gelu_tanh", "silu"):
+            with torch.inference_mode():
+                fused, separate = apply(q, x, act), activate(q(x), act)
+            assert fused.shape == separate.shape == (1, rows, 192) and fused.dtype == separate.dtype
+            tol = 1e-5 if dtype == torch.float32 and scheme == "int8" and rows > SMALL_ROWS else 2e-2
+            torch.testing.assert_close(fused.float(), separate.float(), rtol=tol, atol=tol)
+
+
 def test_int8_matmul_is_used_only_where_it_is_exact():
     """Without AVX512-VNNI oneDNN's int8 kernels saturate (ONEDNN_MAX_CPU_ISA=AVX2 reproduces it on any
     x86 CPU): there the probe must say no, and int8 layers multiply widened weights instead."""

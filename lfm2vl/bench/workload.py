@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cpu import cpu_name, vector_flags
+
 PROMPT = "Describe this image in detail."
 NEW_TOKENS = 100
 IMAGE_SIDE = 1024
@@ -84,14 +86,9 @@ def workload_image(path: str | None, folder: Path, side: int = IMAGE_SIDE) -> Pa
 def machine() -> dict[str, Any]:
     """CPU model and its vector/matrix flags, cores, torch (benchmarks compare only within one machine)."""
     info: dict[str, Any] = {"torch": torch.__version__, "cores": os.cpu_count(), "platform": platform.platform()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
-        info["cpu_flags"] = " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor() or platform.machine()
+    info["cpu"] = cpu_name() or platform.processor() or platform.machine()
+    if vector_flags():
+        info["cpu_flags"] = " ".join(vector_flags())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -1,0 +1,36 @@
+"""What the CPU is: its model name and feature flags, read from /proc/cpuinfo (Linux; elsewhere empty).
+
+The quantized layers choose kernels by them (lfm2vl/quant.py), the image-budget calibration is cached
+per CPU (lfm2vl/budget.py), and every benchmark prints them (lfm2vl/bench/workload.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return "", frozenset()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return name, frozenset(flags)
+
+
+def cpu_name() -> str:
+    """"Intel(R) Xeon(R) Processor", "AMD EPYC 9R14 ...", or "" where /proc/cpuinfo is missing."""
+    return _cpuinfo()[0]
+
+
+def cpu_flags() -> frozenset[str]:
+    """The kernel's feature flags ("avx512_vnni", "amx_bf16", ...); empty where /proc/cpuinfo is missing."""
+    return _cpuinfo()[1]
+
+
+def vector_flags() -> list[str]:
+    """The flags that decide kernel speed (AVX*, AMX*, FMA, SSE4), sorted: what benchmarks print."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
