@@ -318,3 +318,19 @@ def test_worker_thread_and_async_streaming():
         assert e.stats()["active"] == 0
     finally:
         e.stop()
+
+
+def test_vision_calls_take_two_tiles_only_in_bf16_on_amx_cpus(monkeypatch):
+    from lfm2vl.engine import config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for flags, dtype, want in (({"amx_bf16"}, torch.bfloat16, 2048), ({"amx_bf16"}, torch.float32, 1024),
+                               ({"avx512_bf16"}, torch.bfloat16, 1024), (set(), torch.float32, 1024)):
+        monkeypatch.setattr(config, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert config.vision_batch_patches(cpu, dtype) == want, (flags, dtype)
+        assert config.vision_batch_patches(cuda, dtype) == 1024
+    model = MockModel()
+    model.dtype = torch.bfloat16
+    assert Engine(model, decode, EngineConfig()).vision_patches == 1024  # the last flags: no AMX
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert Engine(model, decode, EngineConfig()).vision_patches == 2048

@@ -18,7 +18,7 @@ ALLOWED = {
     "memory": set(),
     "cpu": set(),
     "weights": {"config", "memory", "model", "quant"},
-    "engine": {"memory", "model", "sampling", "textstream"},
+    "engine": {"cpu", "memory", "model", "sampling", "textstream"},
     "completion": {"engine", "sampling"},
     "quant": {"cpu", "model"},  # model/linear.py: the float32 matmul of widened weights
     "budget": {"cpu", "processing"},

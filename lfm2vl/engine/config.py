@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ..cpu import cpu_flags
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -39,3 +41,18 @@ class EngineConfig:
         else:
             base = cls()
         return replace(base, **overrides)
+
+
+VISION_BATCH_PATCHES = 1024  # patches per vision call at most (one full tile): see Engine._encode_crop (scheduler.py)
+
+
+def vision_batch_patches(device: torch.device, dtype: torch.dtype) -> int:
+    """Patches per vision call at most: one full 512 x 512 tile (VISION_BATCH_PATCHES), or two for
+    bf16 on a CPU with AMX-BF16, where oneDNN reorders each plain weight for the AMX tiles on every
+    call (a weight reordered once ran 15-27% faster in an ad hoc microbenchmark) and more rows spread
+    that cost: the 450M's bf16 vision tower 1.15 -> 0.80-0.85 s, int8's 1.17 ->
+    0.91-1.00 s, about 15 MB more at peak for int8 (float32, without AMX, gained nothing; lfm2vl bench,
+    docs/performance.md)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and "amx_bf16" in cpu_flags():
+        return 2 * VISION_BATCH_PATCHES
+    return VISION_BATCH_PATCHES

@@ -37,14 +37,13 @@ from ..memory import release_freed_memory
 from ..sampling import next_tokens, token_logprobs
 from ..textstream import TextStream
 from .caches import ImageCache, PrefixCache
-from .config import EngineConfig
+from .config import EngineConfig, vision_batch_patches
 from .request import FINISH_REASONS, ContextOverflow, QueueFull, Request, RequestHandle, StreamEvent, peak_memory_mb
 
 log = logging.getLogger("lfm2vl.engine")
 
 
 TRIM_INTERVAL_S = 1.0  # going idle hands freed memory back to the OS, at most this often (lfm2vl/memory.py)
-VISION_BATCH_PATCHES = 1024  # patches per vision call at most (one full tile): see Engine._encode_crop
 
 
 @dataclass
@@ -98,6 +97,7 @@ class Engine:
         self.cache = model.make_cache(self.config.max_slots, min(self.config.initial_len, self.max_len))
         self.image_cache = ImageCache(self.config.image_cache_mb)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_mb)
+        self.vision_patches = vision_batch_patches(torch.device(model.device), model.dtype)
         self._lock = threading.RLock()  # held for a whole step (the model, slots and caches)
         self._worker_lock = threading.Lock()  # starting the worker thread
         self._qlock = threading.Lock()  # held briefly: queue and cancellations (submit never waits on a step)
@@ -327,15 +327,15 @@ class Engine:
 
     def _encode_crop(self, a: _Active) -> None:
         """Encode the next crops of an image: several in one call while they hold at most
-        VISION_BATCH_PATCHES patches together (small crops batch; a full 512 x 512 tile goes alone:
-        faster and smaller than all five crops in one call, docs/performance.md)."""
+        `vision_patches` patches together (small crops batch; a full 512 x 512 tile goes alone, or two
+        on AMX in bf16: faster and smaller than all five crops in one call, docs/performance.md)."""
         j, first = a.crop_work.popleft()
         last = first
         shapes = a.pixels[j][1]
         patches = shapes[first][0] * shapes[first][1]
         while a.crop_work and a.crop_work[0][0] == j:
             h, w = shapes[a.crop_work[0][1]]
-            if patches + h * w > VISION_BATCH_PATCHES:
+            if patches + h * w > self.vision_patches:
                 break
             patches += h * w
             last = a.crop_work.popleft()[1]
