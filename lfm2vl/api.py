@@ -305,14 +305,35 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", 
     folder = resolve(src, revision=revision)
     if checkpoint_quantization(folder) is not None:
         raise ValueError(f"{folder} is already quantized")
-    dst = Path(dst)
+    dst = Path(dst).expanduser()
     if dst.resolve() == folder.resolve():
         raise ValueError("the output folder must differ from the input folder")
+    check_output_folder(dst)
     write_quantized(folder, dst, read_config(folder), scheme)
     for name in SIDE_FILES:
         if (folder / name).exists():
             shutil.copyfile(folder / name, dst / name)
+        elif (dst / name).exists():  # left by the checkpoint written there before: not this one's
+            (dst / name).unlink()
     return dst
+
+
+def check_output_folder(dst: Path) -> None:
+    """`dst` may be new, empty, or an earlier `quantize_checkpoint` output (replaced); anything else
+    (another checkpoint, a folder of other files, a file) is refused before anything is written."""
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ValueError(f"{dst} is a file: give a new or empty folder for the quantized checkpoint")
+    if not any(dst.iterdir()):
+        return
+    try:
+        ours = checkpoint_quantization(dst) is not None
+    except (AttributeError, CheckpointError, OSError, ValueError):  # another tool's quantization, or a config.json that is not JSON
+        ours = False
+    if not ours:
+        raise ValueError(f"{dst} is not empty and is not a checkpoint lfm2vl quantize wrote: give a new or empty "
+                         "folder (nothing was written)")
 
 
 def load(

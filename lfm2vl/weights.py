@@ -167,6 +167,43 @@ def stored_dtype(folder: Path) -> torch.dtype:
     return torch.float32
 
 
+def match_tensors(folder: Path, cfg: Lfm2VlConfig, expected: dict[str, tuple[int, ...]],
+                  integer: dict[str, torch.dtype] | None = None) -> list[tuple[Path, list[str]]]:
+    """Each shard of `folder` with the keys to read from it, checked against the model's tensors
+    (`expected`: our name -> shape; `integer`: the dtype of its integer ones) from the headers alone,
+    before anything is read: every problem at once in a CheckpointError (missing, unexpected,
+    duplicate, wrong shape or dtype)."""
+    integer = integer or {}
+    plan, unexpected, mismatched, where = [], [], [], {}
+    for path in shard_files(folder):
+        header, _ = read_header(path)
+        wanted = []
+        for key, info in header.items():
+            name = map_key(key)
+            if name is None or (name not in expected and not _is_unused(name, cfg)):
+                unexpected.append(f"{key} ({path.name})")
+            elif name in expected:
+                if tuple(info["shape"]) != expected[name]:
+                    mismatched.append(f"{key} ({path.name}): stored {tuple(info['shape'])}, model {expected[name]}")
+                elif name in integer and _DTYPES.get(info["dtype"]) != integer[name]:
+                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, the model holds "
+                                      f"{str(integer[name]).removeprefix('torch.')} there")
+                elif name in where:
+                    unexpected.append(f"{key} ({path.name}): duplicate of {where[name]}")
+                else:
+                    wanted.append(key)
+                    where[name] = f"{key} in {path.name}"
+        plan.append((path, wanted))
+    missing = sorted(set(expected) - set(where))
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {folder} does not match the LFM2-VL model its config.json describes:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    return plan
+
+
 def load_weights(
     folder: str | Path, cfg: Lfm2VlConfig, device: str | torch.device, dtype: torch.dtype, quantize: str | None = None,
     prequantized: bool = False,
@@ -203,27 +240,7 @@ def load_weights(
         # an int8 table (a tied int8 head reads it too), or a tied int4 head's table (the embedding reads it)
         quantized["language_model.embed_tokens"] = "int4" if int4_head else "int8"
     state: dict[str, torch.Tensor] = {}
-    unexpected, mismatched, where = [], [], {}
-    for path in shard_files(folder):
-        header, _ = read_header(path)
-        wanted = []
-        for key, info in header.items():
-            name = map_key(key)
-            if name is None or (name not in expected and not _is_unused(name, cfg)):
-                unexpected.append(f"{key} ({path.name})")
-            elif name in expected:
-                if tuple(info["shape"]) != expected[name]:
-                    mismatched.append(f"{key} ({path.name}): stored {tuple(info['shape'])}, model {expected[name]}")
-                elif name in integer and _DTYPES.get(info["dtype"]) != integer[name]:
-                    mismatched.append(f"{key} ({path.name}): stored as {info['dtype']}, the model holds "
-                                      f"{str(integer[name]).removeprefix('torch.')} there")
-                elif name in where:
-                    unexpected.append(f"{key} ({path.name}): duplicate of {where[name]}")
-                else:
-                    wanted.append(key)
-                    where[name] = f"{key} in {path.name}"
-        if unexpected or mismatched:
-            continue  # keep collecting problems, skip the reading
+    for path, wanted in match_tensors(folder, cfg, expected, integer):
         lazy = {k for k in wanted if (n := map_key(k)).endswith(".weight") and n.removesuffix(".weight") in quantized}
         for key, t in iter_tensors(path, wanted, lazy):
             name = map_key(key)
@@ -242,13 +259,6 @@ def load_weights(
             del t
             if quantized:
                 release_freed_memory()
-    missing = sorted(set(expected) - set(where))
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {folder} does not match the LFM2-VL model its config.json describes:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if items:
-                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
     if quantized:
         replace_linears(model, dtype, sorted(set(quantized) - {"language_model.embed_tokens"}), quantize)
         if int4_head:
@@ -282,6 +292,7 @@ def write_quantized(src: str | Path, dst: str | Path, cfg: Lfm2VlConfig, scheme:
     src, dst = Path(src), Path(dst)
     with torch.device("meta"):
         model = Lfm2Vl(cfg)
+    match_tensors(src, cfg, {k: tuple(v.shape) for k, v in model.state_dict().items()})  # before writing anything
     kinds = {n: layer_kind(scheme, n, *model.get_submodule(n).weight.shape) for n in linear_names(model)}
     int4_head = tied_int4_head(model, scheme)
     kinds["language_model.embed_tokens"] = "int4" if int4_head else "int8"

@@ -226,6 +226,59 @@ def test_int8_prompt_rows_in_float16_do_not_overflow():
     assert torch.allclose(got, expected, atol=2e-2, rtol=1e-2), (got - expected).abs().max()
 
 
+def test_quantize_refuses_folders_it_did_not_write_and_checks_the_source_first(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lfm2vl.api import quantize_checkpoint
+    from lfm2vl.weights import CheckpointError
+
+    bundled = ROOT / "lfm2vl/assets/bundled_model"
+    other = tmp_path / "float"  # somebody's float checkpoint in the way: refused, and left as it was
+    shutil.copytree(bundled, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(ValueError, match="not a checkpoint lfm2vl quantize wrote"):
+        quantize_checkpoint(bundled, other)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        quantize_checkpoint(bundled, tmp_path / "a-file")
+    # an earlier output is replaced whole: int8, then int4 of a source without generation_config.json
+    out = quantize_checkpoint(bundled, tmp_path / "q", "int8")
+    src = tmp_path / "src"
+    shutil.copytree(bundled, src)
+    (src / "generation_config.json").unlink()
+    quantize_checkpoint(src, out, "int4")
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.int4.safetensors"]
+    assert not (out / "generation_config.json").exists()  # the int8 source's, not this one's
+    assert lfm2vl.load(out).quantization == "int4"
+    # weights that do not match the config: refused from the headers, before any folder is made
+    tensors = load_file(str(src / "model.safetensors"))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(src / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"1 missing: {dropped.removeprefix('model.')}"):
+        quantize_checkpoint(src, tmp_path / "never", "int8")
+    assert not (tmp_path / "never").exists()
+
+
+def test_quantize_int4_says_how_many_layers_took_four_bits(tmp_path):
+    import subprocess
+    import sys
+
+    import reference
+
+    # hidden size 48: no layer's shape fits the int4 kernel (out % 64, in % 32), so all stay int8
+    narrow = tmp_path / "narrow"
+    reference.make_reference_checkpoint(narrow, text={"hidden_size": 48, "intermediate_size": 96})
+    for src, fits in ((ROOT / "lfm2vl/assets/bundled_model", True), (narrow, False)):
+        r = subprocess.run([sys.executable, "-m", "lfm2vl", "quantize", str(src), str(tmp_path / f"q-{fits}"),
+                            "--scheme", "int4"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        int4 = int(r.stderr.split(" layers int4")[0].rsplit("; ", 1)[1])
+        assert (int4 > 0) is fits and ("every layer is int8" in r.stderr) is not fits, r.stderr
+
+
 def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
     """(n, k) 0..15 -> torch's CPU int4 packing with `block` rows per block, written out independently
     of torch: byte [b, kk, j] = row b*block + j (low nibble) | row b*block + block/2 + j (high nibble)."""

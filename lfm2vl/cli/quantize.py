@@ -15,19 +15,24 @@ def add_parser(make: Any) -> None:
              "and head in 4 bits (groups of 32) and the rest as int8. The tokenizer and processor files are "
              "copied. Only lfm2vl reads the result.")
     q.add_argument("input", help="checkpoint folder or Hub id")
-    q.add_argument("output", help="folder to write (created)")
+    q.add_argument("output", help="folder to write: new, empty, or an earlier lfm2vl quantize output (replaced)")
     q.add_argument("--scheme", choices=("int8", "int4"), default="int8", help="(default: %(default)s)")
     q.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..api import quantize_checkpoint
+    from ..weights import read_header
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise ValueError(f"{out} exists and is not a checkpoint folder: give an empty or new folder")
-    dst = quantize_checkpoint(args.input, out, args.scheme)
-    size = sum(f.stat().st_size for f in dst.glob("*.safetensors")) / 2**20
-    print(f"wrote {dst} ({size:.0f} MB of weights); load it with lfm2vl.load({str(dst)!r}) or --model {dst}",
-          file=sys.stderr)
+    dst = quantize_checkpoint(args.input, Path(args.output), args.scheme)  # refuses a folder it did not write
+    files = list(dst.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files) / 2**20
+    keys = [k for f in files for k in read_header(f)[0]]
+    int4, int8 = sum(k.endswith(".scales_zeros") for k in keys), sum(k.endswith(".scale") for k in keys)
+    layers = f"{int4} layers int4, {int8} int8" if args.scheme == "int4" else f"{int8} layers int8"
+    print(f"wrote {dst} ({size:.0f} MB of weights; {layers}); load it with lfm2vl.load({str(dst)!r}) or "
+          f"--model {dst}", file=sys.stderr)
+    if args.scheme == "int4" and int4 == 0:
+        print("warning: no layer of this model has a shape the int4 kernel takes (output features a multiple of "
+              "64, input features of 32): every layer is int8, as --scheme int8 writes", file=sys.stderr)
     return 0
