@@ -256,7 +256,7 @@ def _pty_chat(keys: bytes) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, "-m", "lfm2vl", "chat"], stdin=slave, stdout=slave, stderr=slave,
                             cwd=ROOT, close_fds=True, preexec_fn=controlling_terminal)
     os.close(slave)
-    out, deadline, sent = b"", time.monotonic() + 60, False
+    out, deadline, sent_at, sent_len = b"", time.monotonic() + 60, None, 0
     try:
         while time.monotonic() < deadline:
             ready, _, _ = select.select([master], [], [], 0.2)
@@ -268,9 +268,12 @@ def _pty_chat(keys: bytes) -> tuple[int, str]:
                 if not chunk:
                     break
                 out += chunk
-            if not sent and out.endswith(b"> "):
+            # at the prompt; again if nothing came back within 3 s: a key typed before the line editor set
+            # the terminal up can be discarded by it (seen under load), and the chat then waits forever
+            quiet = sent_at is not None and len(out) == sent_len and time.monotonic() - sent_at > 3
+            if out.endswith(b"> ") and (sent_at is None or quiet) and proc.poll() is None:
                 os.write(master, keys)
-                sent = True
+                sent_at, sent_len = time.monotonic(), len(out)
             if proc.poll() is not None and not ready:
                 break
         return proc.wait(timeout=10), out.decode(errors="replace")

@@ -235,3 +235,16 @@ def test_resize_equals_torchvision(monkeypatch, mode, native):
         image = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
         expected = tvF.resize(image.contiguous(), [th, tw], interpolation=interpolation, antialias=True)
         assert torch.equal(resize(image, th, tw, mode), expected), ((h, w), (th, tw))
+
+
+def test_load_image_file_names_what_is_wrong_with_a_typed_path(tmp_path, monkeypatch):
+    from lfm2vl.processing import ImageError, load_image_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("RGB", (5, 3), (255, 0, 0)).save(tmp_path / "red.png")
+    assert load_image_file("~/red.png").shape == (3, 3, 5)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for path, why in ((tmp_path, "is a directory"), (tmp_path / "missing.png", "no such file"),
+                      ("aGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=", "no such file"), (tmp_path / "bad.png", "not a recognised image")):
+        with pytest.raises(ImageError, match=why):
+            load_image_file(path)

@@ -133,18 +133,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _readable_image(path: str) -> Path:
     """--image, checked before any model loads: a file PIL can decode within the processor's limits."""
-    from ..processing import ImageError, load_image
+    from ..processing import ImageError, load_image_file
 
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ValueError(f"--image {path}: is a directory, not an image file")
-    if not p.is_file():
-        raise ValueError(f"--image {path}: no such file")
     try:
-        load_image(p)
+        load_image_file(path)
     except ImageError as e:
         raise ValueError(f"--image {path}: {e}") from e
-    return p
+    return Path(path).expanduser()
 
 
 def _plot_path(path: str) -> Path:

@@ -4,7 +4,6 @@ is refused here, before any weights are read (docs/generation.md lists the optio
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -186,15 +185,10 @@ def load_model(args: argparse.Namespace):
 
 def read_image_file(path: str, flag: str = "--image"):
     """A path the user typed -> (3, H, W) uint8, or a UsageError saying what is wrong with it."""
-    from ..processing import ImageError, load_image
+    from ..processing import ImageError, load_image_file
 
-    p = Path(os.path.expanduser(path))
-    if p.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory, not an image file")
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
     try:
-        return load_image(p)
+        return load_image_file(path)
     except ImageError as e:
         raise UsageError(f"{flag} {path}: {e}") from e
 

@@ -4,9 +4,9 @@ Data flow: settings.py (knobs) -> tiling.py (pure plan) -> image.py (pixels -> c
 (crops -> encoder input); chat.py (messages -> prompt) and tokens.py (tokenizer) -> processor.py.
 """
 
-from .image import SAFE_FORMATS, ImageError, ImageTooLarge, load_image
+from .image import SAFE_FORMATS, ImageError, ImageTooLarge, load_image, load_image_file
 from .processor import Processor
 from .settings import ImageSettings
 from .tiling import TilePlan, plan_tiles
 
-__all__ = ["SAFE_FORMATS", "ImageError", "ImageTooLarge", "ImageSettings", "Processor", "TilePlan", "load_image", "plan_tiles"]
+__all__ = ["SAFE_FORMATS", "ImageError", "ImageTooLarge", "ImageSettings", "Processor", "TilePlan", "load_image", "load_image_file", "plan_tiles"]

@@ -72,6 +72,18 @@ def load_image(
     )
 
 
+def load_image_file(path: str | os.PathLike) -> torch.Tensor:
+    """A file path a user typed (~ expanded) -> (3, H, W) uint8, as `load_image`; ImageError saying
+    what is wrong: a directory, no such file, or a file PIL cannot decode within the pixel limit.
+    (A str given to `load_image` may also be base64 or a data URL; a command-line path never is.)"""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.is_dir():
+        raise ImageError("is a directory, not an image file")
+    if not p.is_file():
+        raise ImageError("no such file")
+    return load_image(p)
+
+
 def _read_source(src: str | os.PathLike) -> tuple[bytes, str]:
     """Bytes of a file path, a data URL or raw base64, with a short description for errors."""
     if isinstance(src, os.PathLike) or os.path.isfile(src):
