@@ -10,15 +10,17 @@ import functools
 
 
 @functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
+def _cpuinfo() -> tuple[str, str, frozenset[str]]:
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.read().splitlines()
     except OSError:
-        return "", frozenset()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return name, frozenset(flags)
+        return "", "", frozenset()
+
+    def field(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+
+    return field("model name"), field("vendor_id"), frozenset(field("flags").split())
 
 
 def cpu_name() -> str:
@@ -26,9 +28,14 @@ def cpu_name() -> str:
     return _cpuinfo()[0]
 
 
+def cpu_vendor() -> str:
+    """"GenuineIntel", "AuthenticAMD", ... or "" where /proc/cpuinfo is missing (or says none: ARM)."""
+    return _cpuinfo()[1]
+
+
 def cpu_flags() -> frozenset[str]:
     """The kernel's feature flags ("avx512_vnni", "amx_bf16", ...); empty where /proc/cpuinfo is missing."""
-    return _cpuinfo()[1]
+    return _cpuinfo()[2]
 
 
 def vector_flags() -> list[str]:

@@ -14,7 +14,7 @@ ALLOWED = {
     "hub": set(),
     "bundled": set(),
     "processing": {"config"},
-    "model": {"config"},
+    "model": {"config", "cpu"},
     "memory": set(),
     "cpu": set(),
     "weights": {"config", "memory", "model", "quant"},

@@ -81,3 +81,25 @@ def test_bfloat16_applies_the_activation_to_the_float32_accumulator(act):
     assert (got.float() - exact).abs().mean() < (two_roundings.float() - exact).abs().mean()
     torch.testing.assert_close(got.float(), exact, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gated.float(), F.linear(x.float(), w.float()) * got.float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not L.onednn_float32(), reason="this torch has no oneDNN float32 linear")
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+def test_float32_decode_rows_keep_mkl_on_intel_cpus(vendor, monkeypatch):
+    """Decode rows (B, 1, in) stream the weight: MKL's GEMV on Intel, oneDNN's elsewhere; prompt rows
+    take oneDNN everywhere (the activation in its epilogue). Each is checked bit for bit against the op."""
+    monkeypatch.setattr(L, "cpu_vendor", lambda: vendor)
+    L.mkl_gemv_faster.cache_clear()
+    try:
+        torch.manual_seed(0)
+        w = torch.randn(512, 1024) / 32
+        with torch.inference_mode():
+            for x in (torch.randn(3, 1, 1024), torch.randn(1, 7, 1024), torch.randn(7, 1024)):
+                onednn = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                mkl = F.linear(x, w)
+                decode = x.dim() == 3 and x.shape[1] == 1
+                want = mkl if decode and vendor == "GenuineIntel" else onednn
+                assert torch.equal(L.linear(x, w), want), (vendor, tuple(x.shape))
+            assert not torch.equal(onednn, mkl)  # the two kernels are told apart here
+    finally:
+        L.mkl_gemv_faster.cache_clear()
