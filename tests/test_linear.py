@@ -85,21 +85,21 @@ def test_bfloat16_applies_the_activation_to_the_float32_accumulator(act):
 
 @pytest.mark.skipif(not L.onednn_float32(), reason="this torch has no oneDNN float32 linear")
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
-def test_float32_decode_rows_keep_mkl_on_intel_cpus(vendor, monkeypatch):
-    """Decode rows (B, 1, in) stream the weight: MKL's GEMV on Intel, oneDNN's elsewhere; prompt rows
-    take oneDNN everywhere (the activation in its epilogue). Each is checked bit for bit against the op."""
+def test_float32_keeps_mkl_on_intel_cpus_and_takes_onednn_elsewhere(vendor, monkeypatch):
+    """MKL is at its best on Intel CPUs and runs AVX2 code on AMD ones: each path is checked bit for bit
+    against the op it should call, for decode rows, prompt rows and the vision tower's 2-D rows."""
     monkeypatch.setattr(L, "cpu_vendor", lambda: vendor)
-    L.mkl_gemv_faster.cache_clear()
+    L.mkl_faster.cache_clear()
     try:
         torch.manual_seed(0)
         w = torch.randn(512, 1024) / 32
+        attr, algorithm = L._ONEDNN_ACT["silu"]
         with torch.inference_mode():
             for x in (torch.randn(3, 1, 1024), torch.randn(1, 7, 1024), torch.randn(7, 1024)):
-                onednn = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-                mkl = F.linear(x, w)
-                decode = x.dim() == 3 and x.shape[1] == 1
-                want = mkl if decode and vendor == "GenuineIntel" else onednn
-                assert torch.equal(L.linear(x, w), want), (vendor, tuple(x.shape))
+                onednn = torch.ops.mkldnn._linear_pointwise(x, w, None, attr, [], algorithm)
+                mkl = F.silu(F.linear(x, w))
+                want = mkl if vendor == "GenuineIntel" else onednn
+                assert torch.equal(L.linear(x, w, None, "silu"), want), (vendor, tuple(x.shape))
             assert not torch.equal(onednn, mkl)  # the two kernels are told apart here
     finally:
-        L.mkl_gemv_faster.cache_clear()
+        L.mkl_faster.cache_clear()

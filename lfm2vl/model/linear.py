@@ -4,8 +4,8 @@ torch's float32 `F.linear` on the CPU calls MKL's sgemm; oneDNN's float32 matmul
 already uses for bfloat16) gives the same float32 products, summed in another order, and on a
 2-core AMD EPYC (AVX-512) it ran 1.47x faster at 1,024 rows, 2.9x for one row, and streamed cold
 weights 1.8x faster (`python benchmarks/bench_kernels.py`, docs/performance.md): MKL runs its AVX2
-code on AMD CPUs. On Intel CPUs MKL's GEMV is the faster one, so there float32 decode rows keep
-F.linear (`mkl_gemv_faster`); prompt and image rows take oneDNN everywhere, for the fused activation. oneDNN also applies GELU / SiLU to the accumulator before writing it out (the activation
+code on AMD CPUs. On Intel CPUs MKL is at its best and as fast or faster, fused activations
+included, so there float32 layers keep F.linear (`mkl_faster`). oneDNN also applies GELU / SiLU to the accumulator before writing it out (the activation
 costs a pass over memory otherwise: 9% of the vision tower's time in float32).
 
 In bfloat16, F.linear reaches the same oneDNN matmul already, but the activation is a pass of its
@@ -66,17 +66,17 @@ def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     if x.dtype == torch.float32:
-        # decode rows ((B, 1, in): one new token per sequence, never a prompt, however many) stream
-        # the weight, where MKL's GEMV is the faster one on Intel CPUs
-        return ONEDNN_FLOAT32 and onednn_float32() and not (x.dim() == 3 and x.shape[1] == 1 and mkl_gemv_faster())
+        return ONEDNN_FLOAT32 and onednn_float32() and not mkl_faster()
     return x.dtype == torch.bfloat16 and onednn_bfloat16()
 
 
 @functools.cache
-def mkl_gemv_faster() -> bool:
-    """Whether float32 decode rows keep MKL's F.linear: on Intel CPUs, where MKL runs its best code (the
-    450M's fp32 decode step, 2-core Xeon with AMX: 57.5 ms with MKL's GEMV, 64.5 ms with oneDNN's;
-    docs/performance.md). On AMD CPUs MKL runs its AVX2 code and oneDNN's GEMV is 2.8x faster."""
+def mkl_faster() -> bool:
+    """Whether float32 layers keep MKL's F.linear: on Intel CPUs, where MKL runs its best code (2-core
+    Xeon with AMX, the 450M in fp32: a decode step 57.5 ms with MKL against 64.5 ms with oneDNN, a
+    1,300-token prefill 2.70-2.91 s against 2.76-2.99 s with oneDNN and its fused SiLU, the vision
+    tower even; docs/performance.md). On AMD CPUs MKL runs its AVX2 code and oneDNN's kernels are
+    1.5-2.8x faster."""
     return cpu_vendor() == "GenuineIntel"
 
 
