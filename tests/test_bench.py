@@ -29,6 +29,10 @@ def test_bench_reports_every_part_and_ends_with_json(tmp_path):
     assert KEYS <= set(out) and out["image_tokens"] == 36 and out["crops"] == 1
     assert out["ttft_s"] >= out["preprocess_s"] > 0 and out["total_s"] >= out["ttft_s"]
     assert "cpu" in out["machine"] and "time to first token" in r.stdout
+    from lfm2vl.model.linear import mkl_faster
+
+    assert out["kernels"]["float32_linear"] == ("MKL" if mkl_faster() else "oneDNN") and "kernels: " in r.stdout
+    assert out["kernels"]["vision_patches_per_call"] == 1024 and "int8_prompt_rows" not in out["kernels"]
     assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
     assert len(out["sweep"]) == 12 and {row["max_image_tokens"] for row in out["sweep"]} == {64, 128, 256}
     assert all(row["image_tokens"] <= row["max_image_tokens"] for row in out["sweep"])
@@ -47,6 +51,11 @@ def test_compare_runs_the_reference_on_the_same_inputs(tmp_path):
                     "--compare", "transformers", timeout=900)
     assert out["dtype"] == out["ref_dtype"] == "bfloat16" and "transformers bfloat16" in r.stdout
     assert out["decode_tok_s"] is None and out["ref_decode_tok_s"] is None
+    import torch
+
+    from lfm2vl.engine.config import vision_batch_patches
+
+    assert out["kernels"]["vision_patches_per_call"] == vision_batch_patches(torch.device("cpu"), torch.bfloat16)
 
 
 def test_bench_argument_errors_are_one_line():

@@ -119,6 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             results.append(_run_side({**spec, "system": "transformers", "latency_target": None}))
         sweep = _sweep(spec, Path(tmp)) if args.sweep else None
     _print_table(results, args)
+    if "kernels" in results[0]:
+        print("kernels: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in results[0]["kernels"].items()))
     summary = _summary(results, info, args, model)
     if sweep is not None:
         summary["sweep"] = sweep
@@ -203,7 +205,7 @@ def _summary(results: list[dict[str, Any]], info: dict, args: argparse.Namespace
     out = {"model": model, "preset": args.preset or (None if args.model else "450M"), "machine": info,
            **{k: ours.get(k) for k in ("total_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "preprocess_s",
                                        "vision_s", "prefill_s", "image_tokens", "crops", "dtype", "quantize", "threads")}}
-    for key in ("predicted_ttft_s", "image_settings", "latency_target_s", "meets_target"):
+    for key in ("predicted_ttft_s", "image_settings", "latency_target_s", "meets_target", "kernels"):
         if key in ours:
             out[key] = ours[key]
     if len(results) == 2:

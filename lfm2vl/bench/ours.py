@@ -16,6 +16,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kernels(model: Any) -> dict[str, Any]:
+    """The per-device kernel choices this run took (they differ between CPUs: compare machines by them)."""
+    from ..model.linear import mkl_faster, onednn_bfloat16
+    from ..quant import int8_matmul_available, int8_prompt_products
+
+    out: dict[str, Any] = {"vision_patches_per_call": model.engine.vision_patches}
+    if model.device.type == "cpu":
+        out["float32_linear"] = "MKL" if mkl_faster() else "oneDNN"
+        out["bfloat16_fused_epilogue"] = onednn_bfloat16()
+        if model.quantization is not None:
+            out["int8_prompt_rows"] = ("int8 x int8" if int8_prompt_products(model.dtype) else
+                                       f"widened to {str(model.dtype).removeprefix('torch.')}"
+                                       + ("" if int8_matmul_available() else " (no exact int8 matmul here)"))
+    return out
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     import lfm2vl
 
@@ -83,4 +99,5 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     best = median_run(runs)
     return {**best, **predicted, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "quantize": is_quantized(model.module)}  # also set for an `lfm2vl quantize` checkpoint
+            "quantize": is_quantized(model.module),  # also set for an `lfm2vl quantize` checkpoint
+            "kernels": kernels(model)}
