@@ -302,13 +302,13 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", 
     from .quant import check_scheme
 
     check_scheme(scheme)
+    dst = Path(dst).expanduser()
+    check_output_folder(dst)  # before the source is resolved: that may download a whole checkpoint
     folder = resolve(src, revision=revision)
     if checkpoint_quantization(folder) is not None:
         raise ValueError(f"{folder} is already quantized")
-    dst = Path(dst).expanduser()
     if dst.resolve() == folder.resolve():
         raise ValueError("the output folder must differ from the input folder")
-    check_output_folder(dst)
     write_quantized(folder, dst, read_config(folder), scheme)
     for name in SIDE_FILES:
         if (folder / name).exists():

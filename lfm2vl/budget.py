@@ -80,13 +80,28 @@ def cache_file() -> Path:
     return root / "calibration.json"
 
 
+def calibration_sizes(max_len: int) -> tuple[int, int, int]:
+    """(small, large) text prompts and the image budget that a calibration within a context of
+    `max_len` positions measures: 64, 512 and 256 where they fit, shorter where they do not (the
+    text around an image, chat template and markers, stays under 64 tokens)."""
+    room = max_len - 1  # prompt positions left beside the one token each run generates
+    large = min(512, room)
+    small, budget = min(64, large // 4), min(256, room - 64)
+    if small < 4 or budget < 4:
+        raise ValueError(f"a context of {max_len} positions is too short to calibrate the image budget; set "
+                         "max_image_tokens instead of auto")
+    return small, large, budget
+
+
 def calibration_key(model: Any) -> str:
-    """What the costs depend on: the weights (path, size, time), device, dtype, quantization, threads, CPU, torch."""
+    """What the costs depend on: the weights (path, size, time), device, dtype, quantization, threads, CPU,
+    torch, and the prompt sizes measured (a short context measures shorter ones, a cruder fit)."""
     src = Path(str(model.source)) if model.source is not None else None
     files = sorted(src.glob("*.safetensors")) if src is not None and src.is_dir() else []
     weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
     parts = [str(src), weights, str(model.device), str(model.dtype), model.quantization, torch.get_num_threads(),
-             platform.processor() or platform.machine(), cpu_name(), torch.__version__]
+             platform.processor() or platform.machine(), cpu_name(), torch.__version__,
+             calibration_sizes(model.engine.max_len)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -111,12 +126,7 @@ def calibrate(model: Any, repeats: int = 2) -> Calibration:
     vocab = model.config.text.vocab_size
     g = torch.Generator().manual_seed(1234)
     seed = iter(range(10**6))
-    room = model.engine.max_len - 1  # prompt positions left beside the one token each run generates
-    large = min(512, room)
-    small = min(64, large // 4)
-    if small < 4:
-        raise ValueError(f"a context of {model.engine.max_len} positions is too short to calibrate the image "
-                         "budget; set max_image_tokens instead of auto")
+    small, large, budget = calibration_sizes(model.engine.max_len)
 
     image_token = model.processor.image_token_id
 
@@ -136,8 +146,6 @@ def calibrate(model: Any, repeats: int = 2) -> Calibration:
     t_large = min(text_ttft(large) for _ in range(repeats))
     p1 = max((t_large - t_small) / (large - small), 0.0)
     p0 = max(t_small - p1 * small, 0.0)
-    # the text around an image (chat template, image markers) stays under 64 tokens
-    budget = min(256, max(4, room - 64))
     image_ttft(256, budget)  # warm-up of the vision path
     points = []
     for side in (256, 512):

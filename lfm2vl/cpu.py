@@ -7,6 +7,7 @@ per CPU (lfm2vl/budget.py), and every benchmark prints them (lfm2vl/bench/worklo
 from __future__ import annotations
 
 import functools
+import platform
 
 
 @functools.cache
@@ -29,8 +30,13 @@ def cpu_name() -> str:
 
 
 def cpu_vendor() -> str:
-    """"GenuineIntel", "AuthenticAMD", ... or "" where /proc/cpuinfo is missing (or says none: ARM)."""
-    return _cpuinfo()[1]
+    """"GenuineIntel", "AuthenticAMD", ... from /proc/cpuinfo, or on Windows from platform.processor();
+    "" where neither says (macOS, ARM)."""
+    vendor = _cpuinfo()[1]
+    if vendor or _cpuinfo()[0]:
+        return vendor
+    name = platform.processor()  # Windows: "Intel64 Family 6 Model 158 Stepping 10, GenuineIntel"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in name), "")
 
 
 def cpu_flags() -> frozenset[str]:

@@ -1,40 +1,37 @@
 """Weight quantization for inference (`lfm2vl.load(..., quantize="int8" | "int4")`, `--quantize`).
 
-int8 ("int8"):
-
-Every nn.Linear of the vision tower, projector and language model, and the output head, keeps its
-weight as int8 with one scale per output channel (symmetric, round to nearest). The token embedding
-is an int8 table too, and a tied head reads that same table. A layer picks its kernel by the kind
-of rows it multiplies, never by how many of them there are (`prompt_rows`), so a row's numbers do
-not depend on its neighbours in a batch:
+int8: every nn.Linear of the vision tower, projector and language model, and the output head, keeps
+its weight as int8 with one scale per output channel (symmetric, round to nearest); the token
+embedding is an int8 table that a tied head reads too. A layer picks its kernel by the kind of rows
+it multiplies (`prompt_rows`), and decode rows by their number only past SMALL_ROWS (more sequences
+than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbours:
 - prompt and image rows (prefill chunks, the vision tower): int8 x int8 (`int8_dynamic_linear`): each
   row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
   by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
-- decode rows, up to SMALL_ROWS of them: torch's int8 weight-only GEMV (`_weight_int8pack_mm`),
-  reading a quarter of the fp32 bytes, with the activations in bfloat16 whatever the compute dtype:
-  the GEMV's float32 path is not vectorized (1.8 against 9.7-12 G weights/s in bf16, with torch and
-  oneDNN held to AVX2 and on AVX-512; docs/performance.md);
+- decode rows, up to SMALL_ROWS of them: torch's int8 weight-only GEMV (`_weight_int8pack_mm`), with
+  the activations in bfloat16 whatever the compute dtype (its float32 path is not vectorized: 1.8
+  against 9.7-12 G weights/s in bf16, with torch and oneDNN held to AVX2 and on AVX-512);
 - more decode rows, prompt rows where torch's CPU int8 matmul is missing or inexact (no
-  AVX512-VNNI: `int8_matmul_available`), and bf16 prompt rows on CPUs with AMX-BF16 (faster there:
-  `int8_prompt_products`): the int8 weight is widened to the compute dtype a block of rows at a
-  time and multiplied there (`widened_linear`).
+  AVX512-VNNI: `int8_matmul_available`; however few), and chunks of AMX_WIDEN_ROWS or more bf16
+  prompt rows on CPUs with AMX-BF16 (faster there: `int8_prompt_products`): the int8 weight times
+  its scale is widened to the compute dtype a block of rows at a time and multiplied there
+  (`widened_linear`). That matmul (oneDNN's, as for any bf16 layer) may round a row differently
+  at some row counts, where int8 x int8 rows and the GEMV's are the same bits alone or beside
+  others; on AMX a prompt's rows thus take int8 x int8 or the widened weight by its chunk's size.
 The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
-float32. On a GPU every call widens the weight (correct, but no faster than bf16: a GPU int8 kernel
-is still to come). Norms, the short convolutions, position embeddings and the vision patch embedding are not quantized.
+float32. On a GPU every call widens the weight (correct, but no faster than bf16). Norms, the short
+convolutions, position embeddings and the vision patch embedding are not quantized.
 
-int4 ("int4"): the language model's linear layers and its head keep 4-bit weights, asymmetric, one
-(scale, zero) pair per group of INT4_GROUP input weights (torch's convention: w = (q - 8) * scale +
-zero); the vision tower and projector stay int8 (they only ever run many rows, where int4 buys
-nothing). Decode reads half the int8 bytes: torch's int4 weight-only kernel
-(`_weight_int4pack_mm_for_cpu`) streams 46 G weights/s here against 27 for int8 (AMD EPYC with
-AVX512-BF16, benchmarks/bench_kernels.py). Above INT4_KERNEL_ROWS rows the layer unpacks its weight
-to bfloat16 and multiplies there (the int4 kernel is 3.6x slower than bf16 at 1,024 rows); to float32
-where the compute dtype is float32 (no native bf16: there a bf16 GEMM is emulated, and the 450M's
-int4 prefill took 21.4 s with it). torch packs int4 weights 64 output rows to a block where its
-kernels use AVX-512 and 32 with AVX2 (`int4_block`); a checkpoint records its packing and loads
-repacked on the other kind of CPU. A layer
-whose shape the kernel cannot take (out % 64, in % INT4_GROUP) stays int8. A tied head is an int4
-table that the token embedding reads its rows from (one copy, like int8's shared table).
+int4: the language model's linear layers and its head keep 4-bit weights, asymmetric, one (scale,
+zero) pair per group of INT4_GROUP input weights (torch's convention: w = (q - 8) * scale + zero);
+the vision tower and projector stay int8 (they only run many rows, where int4 buys nothing). Decode
+reads half the int8 bytes: torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) streams 46 G weights/s
+against 27 for int8 (AMD EPYC, benchmarks/bench_kernels.py). Above INT4_KERNEL_ROWS rows the weight
+is unpacked to bfloat16 (float32 where the compute dtype is: a bf16 GEMM is emulated there, and the
+450M's int4 prefill took 21.4 s with it). torch packs int4 weights 64 output rows to a block with
+AVX-512 kernels and 32 with AVX2 (`int4_block`); a checkpoint records its packing and loads repacked
+on the other kind of CPU. A layer whose shape the kernel cannot take (out % 64, in % INT4_GROUP)
+stays int8. A tied head is an int4 table that the token embedding reads its rows from (one copy).
 """
 
 from __future__ import annotations
@@ -76,14 +73,20 @@ def int8_matmul_available() -> bool:
         return False
 
 
-def int8_prompt_products(dtype: torch.dtype) -> bool:
-    """Whether prompt and image rows in `dtype` multiply int8 x int8 on this CPU (`int8_dynamic_linear`)
-    rather than widen the weight. int8 x int8 where torch._int_mm is exact, except in bfloat16 on a CPU
-    with AMX-BF16: its bf16 GEMM runs on the AMX tiles and torch._int_mm does not, so the widened
-    weight is faster (a 1024 -> 6656 layer at 1,024 rows: 6.7 ms widened, 9.9 ms int8 x int8 with the
-    quantizing, 5.3 ms for a bf16 weight; benchmarks/bench_kernels.py, docs/performance.md) and exact
-    to the int8 weights (no rounding of the activations)."""
-    return int8_matmul_available() and not (dtype == torch.bfloat16 and "amx_bf16" in cpu_flags())
+AMX_WIDEN_ROWS = 512  # bf16 prompt rows on AMX: int8 x int8 below, widened from here (crossover 300-500+)
+
+
+def int8_prompt_products(dtype: torch.dtype, rows: int) -> bool:
+    """Whether `rows` prompt or image rows in `dtype` multiply int8 x int8 on this CPU
+    (`int8_dynamic_linear`) rather than widen the weight: where torch._int_mm is exact, except for
+    AMX_WIDEN_ROWS or more bf16 rows on a CPU with AMX-BF16. Its bf16 GEMM runs on the AMX tiles and
+    torch._int_mm does not, so there a whole prompt's rows are faster widened (a 1024 -> 6656 layer
+    at 1,024 rows: 6.7 ms widened, 9.9 ms int8 x int8 with the quantizing, 5.3 ms for a bf16 weight;
+    benchmarks/bench_kernels.py, docs/performance.md), while a short chunk (a follow-up message after
+    a prefix-cache hit) is not worth widening every weight for (128 rows: 1.4 against 3.4 ms).
+    Widened rows keep their activations unrounded (the weight times its scale is rounded to bf16)."""
+    amx_widens = dtype == torch.bfloat16 and rows >= AMX_WIDEN_ROWS and "amx_bf16" in cpu_flags()
+    return int8_matmul_available() and not amx_widens
 
 
 def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -162,10 +165,9 @@ def widened_linear(x2: torch.Tensor, out_features: int, widen, bias: torch.Tenso
 def prompt_rows(x: torch.Tensor) -> bool:
     """Whether x holds prompt or image rows (a (B, T > 1, in) chunk, or 2-D rows: the vision tower),
     not one new token per sequence (a decode step, (B, 1, in)). The choice is by kind of row, never
-    by how many: prompt rows always take the dynamic int8 path (however the engine chunks the
-    prompt), decode rows never do (however many sequences decode together), so a row's numbers do
-    not depend on its neighbours. A prompt's one-token chunk (a prefix-cache hit one token short
-    of the prompt) counts as a decode step."""
+    by how many: prompt rows always take a prompt path (int8 x int8, or widened where int8 products
+    are inexact, or on AMX for a long chunk: `int8_prompt_products`); decode rows never do, however
+    many decode together. A one-token prompt chunk (a prefix hit one short) counts as a decode step."""
     return x.dim() == 2 or x.shape[-2] > 1
 
 
@@ -206,9 +208,10 @@ class Int8Linear(_QuantizedLinear):
         into the matmul where the weight is widened)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
-        if prompt_rows(x) and x2.device.type == "cpu" and int8_prompt_products(x2.dtype):
+        cpu, prompt = x2.device.type == "cpu", prompt_rows(x)
+        if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
-        elif x2.shape[0] <= SMALL_ROWS and x2.device.type == "cpu":
+        elif not prompt and cpu and x2.shape[0] <= SMALL_ROWS:
             # bf16 activations whatever the compute dtype: the GEMV's float32 path is not vectorized
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                    self.scale.to(torch.bfloat16)).to(x2.dtype)  # (M, out)

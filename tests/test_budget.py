@@ -136,9 +136,13 @@ def test_a_short_context_an_unwritable_cache_and_a_degenerate_calibration(tmp_pa
     monkeypatch.setattr(budget, "calibrate", lambda *_a, **_k: pytest.fail("measured again"))
     assert calibration(model) == first  # kept for this process, not measured on every request
 
-    model.configure_engine(max_len=8)
-    with pytest.raises(ValueError, match="too short to calibrate"):
-        real_calibrate(model)
+    short_key = calibration_key(model)
+    for too_short in (8, 40):  # 40: the text prompts fit, an image and its template would not
+        model.configure_engine(max_len=too_short)
+        with pytest.raises(ValueError, match="too short to calibrate"):
+            real_calibrate(model)
+    model.configure_engine(max_len=4096)
+    assert calibration_key(model) != short_key  # a short context's cruder fit is never reused for a long one
 
     monkeypatch.setenv("LFM2VL_CACHE", str(tmp_path))
     flat = Calibration(0.1, 0.0, 0.0, 0.0)

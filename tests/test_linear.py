@@ -9,10 +9,17 @@ import torch.nn.functional as F
 from lfm2vl.model import linear as L
 
 
+@pytest.fixture(params=["oneDNN", "MKL"])
+def float32_kernel(request, monkeypatch):
+    """Both float32 paths on any CPU: oneDNN (AMD CPUs take it) and MKL (Intel CPUs keep it)."""
+    monkeypatch.setattr(L, "mkl_faster", lambda: request.param == "MKL")
+    return request.param
+
+
 @pytest.mark.parametrize("act", L.ACTIVATIONS)
 @pytest.mark.parametrize("shape", [(1, 256), (3, 7, 256), (0, 256), (2, 5, 256)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_with_its_activation_is_f_linear_then_the_activation(act, shape, bias):
+def test_linear_with_its_activation_is_f_linear_then_the_activation(act, shape, bias, float32_kernel):
     torch.manual_seed(0)
     x, w = torch.randn(shape), torch.randn(320, 256) / 16
     b = torch.randn(320) if bias else None
@@ -25,7 +32,7 @@ def test_linear_with_its_activation_is_f_linear_then_the_activation(act, shape, 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_mul_and_the_module_helpers():
+def test_linear_mul_and_the_module_helpers(float32_kernel):
     torch.manual_seed(0)
     layer, gate = L.Linear(64, 96, bias=False), L.Linear(64, 96, bias=False)
     x = torch.randn(2, 3, 64)
@@ -40,6 +47,21 @@ def test_linear_mul_and_the_module_helpers():
 
     assert torch.equal(L.apply(Wrapped(), x, "gelu"), F.gelu(x * 2))
     assert torch.equal(L.apply_mul(Wrapped(), x, x), x * 2 * x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_layer_still_passes_gradients_to_its_bias_and_epilogue_operand(dtype, float32_kernel):
+    """oneDNN's op has no backward: a frozen layer whose input needs no gradient must still take
+    F.linear when its bias or the product's other operand needs one (LoRA on a SwiGLU gate: w3 x *
+    silu(w1 x) with only w1 adapted, in the first layer, whose input is frozen)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 32, dtype=dtype), torch.randn(64, 32, dtype=dtype)
+    other = torch.randn(4, 64, dtype=dtype, requires_grad=True)
+    bias = torch.randn(64, dtype=dtype, requires_grad=True)
+    L.linear_mul(x, w, other).float().sum().backward()
+    L.linear(x, w, bias, "silu").float().sum().backward()
+    torch.testing.assert_close(other.grad, F.linear(x, w))
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
 def test_training_takes_f_linear_and_gets_gradients():

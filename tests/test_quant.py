@@ -54,28 +54,52 @@ def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_bf16_prompt_rows_widen_on_amx_cpus_and_multiply_int8_elsewhere(amx, monkeypatch):
-    """With AMX-BF16 the widened weight's bf16 GEMM beats int8 x int8 (torch._int_mm has no AMX path):
-    bf16 prompt rows multiply the int8 weights unrounded activations there; float32 rows stay int8 x int8."""
+def test_long_bf16_prompt_chunks_widen_on_amx_cpus_and_multiply_int8_elsewhere(amx, monkeypatch):
+    """With AMX-BF16 the widened weight's bf16 GEMM beats int8 x int8 for a long chunk (torch._int_mm
+    has no AMX path): from AMX_WIDEN_ROWS bf16 prompt rows multiply the int8 weights unrounded
+    activations there; shorter chunks, float32 rows and other CPUs stay int8 x int8."""
     from lfm2vl import quant
 
+    if not int8_matmul_available():
+        pytest.skip("this torch has no exact CPU int8 x int8 matmul: every CPU widens")
     flags = frozenset({"avx512_vnni", "avx512_bf16"} | ({"amx_bf16", "amx_int8", "amx_tile"} if amx else set()))
     monkeypatch.setattr(quant, "cpu_flags", lambda: flags)
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, torch.bfloat16)
-    x = torch.randn(1, 40, 96).bfloat16() * torch.linspace(0.1, 10, 96).bfloat16()
-    x[..., 0] = 40  # an outlier channel: each row's int8 grid is coarse for the others
-    widened = F.linear(x.float(), q.qweight.float() * q.scale.float()[:, None], q.bias.float())
-    s = x.float().abs().amax(-1, keepdim=True) / 127
-    int8_by_int8 = F.linear(torch.round(x.float() / s) * s, q.qweight.float() * q.scale.float()[:, None], q.bias.float())
-    got = q(x).float()
-    if not int8_matmul_available():
-        pytest.skip("this torch has no exact CPU int8 x int8 matmul: every CPU widens")
-    assert quant.int8_prompt_products(torch.bfloat16) is not amx and quant.int8_prompt_products(torch.float32)
-    near, far = (widened, int8_by_int8) if amx else (int8_by_int8, widened)
-    # mean errors here: 0.007-0.010 to the kernel taken (bf16 roundings), 0.042-0.044 to the other
-    assert (got - near).abs().mean() < 0.4 * (got - far).abs().mean(), "took the other kernel"
+    w = q.qweight.float() * q.scale.float()[:, None]
+    for rows in (40, quant.AMX_WIDEN_ROWS):
+        x = torch.randn(1, rows, 96).bfloat16() * torch.linspace(0.1, 10, 96).bfloat16()
+        x[..., 0] = 40  # an outlier channel: each row's int8 grid is coarse for the others
+        widened = F.linear(x.float(), w, q.bias.float())
+        s = x.float().abs().amax(-1, keepdim=True) / 127
+        int8_by_int8 = F.linear(torch.round(x.float() / s) * s, w, q.bias.float())
+        got = q(x).float()
+        wide = amx and rows >= quant.AMX_WIDEN_ROWS
+        assert quant.int8_prompt_products(torch.bfloat16, rows) is not wide
+        assert quant.int8_prompt_products(torch.float32, rows)
+        near, far = (widened, int8_by_int8) if wide else (int8_by_int8, widened)
+        # mean errors here: 0.007-0.010 to the kernel taken (bf16 roundings), 0.042-0.044 to the other
+        assert (got - near).abs().mean() < 0.4 * (got - far).abs().mean(), f"{rows} rows took the other kernel"
+
+
+def test_a_short_prompt_chunk_never_takes_the_decode_gemv(monkeypatch):
+    """Where prompt rows widen (no exact int8 matmul), a chunk of a few prompt rows widens too: the
+    kernel follows the kind of row, not how many; decode rows keep the GEMV."""
+    from lfm2vl import quant
+
+    monkeypatch.setattr(quant, "int8_matmul_available", lambda: False)
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(torch.nn.Linear(96, 160), torch.bfloat16)
+    x = torch.randn(1, 3, 96).bfloat16()
+
+    def widen(i, j):
+        return q.qweight[i:j].bfloat16().mul_(q.scale[i:j, None])
+
+    gemv = torch.ops.aten._weight_int8pack_mm(x[0], q.qweight, q.scale) + q.bias
+    with torch.inference_mode():
+        assert torch.equal(q(x)[0], quant.widened_linear(x[0], 160, widen, q.bias))  # a 3-token prompt chunk
+        assert torch.equal(q(x.transpose(0, 1))[:, 0], gemv)  # 3 sequences decoding one token each
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

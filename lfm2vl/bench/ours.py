@@ -19,16 +19,20 @@ def _sync(device: torch.device) -> None:
 def kernels(model: Any) -> dict[str, Any]:
     """The per-device kernel choices this run took (they differ between CPUs: compare machines by them)."""
     from ..model.linear import mkl_faster, onednn_bfloat16
-    from ..quant import int8_matmul_available, int8_prompt_products
+    from ..quant import AMX_WIDEN_ROWS, int8_matmul_available, int8_prompt_products
 
     out: dict[str, Any] = {"vision_patches_per_call": model.engine.vision_patches}
     if model.device.type == "cpu":
         out["float32_linear"] = "MKL" if mkl_faster() else "oneDNN"
         out["bfloat16_fused_epilogue"] = onednn_bfloat16()
         if model.quantization is not None:
-            out["int8_prompt_rows"] = ("int8 x int8" if int8_prompt_products(model.dtype) else
-                                       f"widened to {str(model.dtype).removeprefix('torch.')}"
-                                       + ("" if int8_matmul_available() else " (no exact int8 matmul here)"))
+            dtype = str(model.dtype).removeprefix("torch.")
+            if not int8_matmul_available():
+                out["int8_prompt_rows"] = f"widened to {dtype} (no exact int8 matmul here)"
+            elif int8_prompt_products(model.dtype, 1 << 30):
+                out["int8_prompt_rows"] = "int8 x int8"
+            else:
+                out["int8_prompt_rows"] = f"int8 x int8 below {AMX_WIDEN_ROWS} rows, widened to {dtype} from {AMX_WIDEN_ROWS}"
     return out
 
 

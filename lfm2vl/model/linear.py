@@ -60,10 +60,12 @@ def onednn_bfloat16() -> bool:
         return False
 
 
-def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _fast(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether this call takes oneDNN's op: CPU inference only, since the op has no backward (`others`:
+    the bias or the epilogue's operand, whose gradient would be lost too: a LoRA-adapted gate)."""
     if x.dtype != weight.dtype or x.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *others)):
         return False
     if x.dtype == torch.float32:
         return ONEDNN_FLOAT32 and onednn_float32() and not mkl_faster()
@@ -90,7 +92,7 @@ def activate(y: torch.Tensor, act: str) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
     """act(x (..., in) @ weight (out, in)^T + bias) -> (..., out); act one of ACTIVATIONS."""
-    if _fast(x, weight):
+    if _fast(x, weight, bias):
         attr, algorithm = _ONEDNN_ACT[act]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     return activate(F.linear(x, weight, bias), act)
@@ -99,7 +101,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_mul(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """(x @ weight^T) * other, the product taken in the matmul's epilogue where it can be (SwiGLU's up
     projection times its activated gate)."""
-    if _fast(x, weight) and other.dtype == x.dtype and other.shape[:-1] == x.shape[:-1]:
+    if _fast(x, weight, other) and other.dtype == x.dtype and other.shape[:-1] == x.shape[:-1]:
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
     return F.linear(x, weight) * other
 
