@@ -264,6 +264,8 @@ def test_quantize_refuses_folders_it_did_not_write_and_checks_the_source_first(t
     before = {p.name: p.read_bytes() for p in other.iterdir()}
     with pytest.raises(ValueError, match="not a checkpoint lfm2vl quantize wrote"):
         quantize_checkpoint(bundled, other)
+    with pytest.raises(ValueError, match="not a checkpoint lfm2vl quantize wrote"):  # before any download
+        quantize_checkpoint("LiquidAI/LFM2-VL-450M-not-downloaded", other)
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
