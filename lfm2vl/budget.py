@@ -6,7 +6,11 @@ and each request gets the largest image budget whose *predicted* time to first t
 
 Cost model (fitted by `calibrate`, each term measured through the engine as every request runs):
 - prefill: p0 + p1 * tokens (text and image tokens together);
-- vision: per crop of n patches, v1 * n + v2 * n^2 (the encoder's attention is quadratic in a crop).
+- vision: c + v1 * n per call of n patches, crops grouped into calls as the engine groups them (one
+  512 x 512 tile per call, two for bf16 on AMX: engine/config.py). The per-call cost is what a
+  crop-per-crop model missed: on a 2-core Xeon with AMX one 1,024-patch crop measured 0.41 s alone,
+  while five in three calls took 0.93 s (int4 450M; docs/performance.md). A crop holds at most 1,024
+  patches, where the encoder's attention is a small part of its cost, so no quadratic term.
 
 Candidates run from the checkpoint's own settings down: tiling with max_tiles from the default to
 min_tiles, then one crop with max_image_tokens from the default down to min_image_tokens in steps of 32.
@@ -40,17 +44,26 @@ class Calibration:
     prefill_fixed_s: float  # p0
     prefill_per_token_s: float  # p1
     vision_per_patch_s: float  # v1
-    vision_per_patch2_s: float  # v2
+    vision_per_call_s: float = 0.0  # c: what a vision call costs whatever its size (weights read, reordered)
+    patches_per_call: int = 1024  # the engine's grouping of crops into calls (engine/config.py)
     measured_s: float = 0.0  # how long the calibration itself took
 
-    def vision_s(self, patches: int) -> float:
-        return self.vision_per_patch_s * patches + self.vision_per_patch2_s * patches**2
+    def vision_s(self, crops: list[int]) -> float:
+        """Vision time of one image's crops (patches each), grouped into calls as the engine groups them:
+        consecutive crops while they hold at most patches_per_call patches together."""
+        calls, held = 0, None
+        for n in crops:
+            if held is None or held + n > self.patches_per_call:
+                calls, held = calls + 1, n
+            else:
+                held += n
+        return self.vision_per_call_s * calls + self.vision_per_patch_s * sum(crops)
 
     def ttft_s(self, text_tokens: int, plans: list[TilePlan]) -> float:
         """Predicted time to first token of a prompt with `text_tokens` plus these images."""
         tokens = text_tokens + sum(p.image_tokens for p in plans)
-        crops = [n for p in plans for n in (h * w for h, w in p.spatial_shapes)]
-        return self.prefill_fixed_s + self.prefill_per_token_s * tokens + sum(self.vision_s(n) for n in crops)
+        vision = sum(self.vision_s([h * w for h, w in p.spatial_shapes]) for p in plans)
+        return self.prefill_fixed_s + self.prefill_per_token_s * tokens + vision
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ def calibration_key(model: Any) -> str:
     weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
     parts = [str(src), weights, str(model.device), str(model.dtype), model.quantization, torch.get_num_threads(),
              platform.processor() or platform.machine(), cpu_name(), torch.__version__,
-             calibration_sizes(model.engine.max_len)]
+             calibration_sizes(model.engine.max_len), "vision per call"]  # the model's layout, too
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -153,21 +166,21 @@ def calibrate(model: Any, repeats: int = 2) -> Calibration:
         t, tokens, plan = min(runs, key=lambda r: r[0])
         patches = plan.spatial_shapes[0][0] * plan.spatial_shapes[0][1]
         points.append((patches, max(t - p0 - p1 * tokens, 0.0)))
-    (n1, t1), (n2, t2) = points  # solve v1 n + v2 n^2 = t through both points
+    (n1, t1), (n2, t2) = points  # one call each: solve c + v1 n = t through both points
     if n2 == n1:  # a small budget gave both images the same patches: linear through that point
-        v1, v2 = t2 / n2, 0.0
+        c, v1 = 0.0, t2 / n2
     else:
-        v2 = (t2 / n2 - t1 / n1) / (n2 - n1)
-        v1 = t1 / n1 - v2 * n1
-    if v1 < 0 or v2 < 0:  # noise: fall back to linear through the larger point
-        v1, v2 = t2 / n2, 0.0
-    return Calibration(p0, p1, v1, v2, time.perf_counter() - start)
+        v1 = (t2 - t1) / (n2 - n1)
+        c = t1 - v1 * n1
+    if c < 0 or v1 <= 0:  # noise: fall back to linear through the larger point
+        c, v1 = 0.0, t2 / n2
+    return Calibration(p0, p1, v1, c, model.engine.vision_patches, time.perf_counter() - start)
 
 
 def degenerate(cal: Calibration) -> bool:
     """A calibration that measured no cost per token or per patch (a timer too coarse, a machine busy
     in the wrong moment): every budget would look free, so it is kept for this process only, not cached."""
-    return cal.prefill_per_token_s <= 0 or cal.vision_per_patch_s + cal.vision_per_patch2_s <= 0
+    return cal.prefill_per_token_s <= 0 or cal.vision_per_patch_s <= 0
 
 
 _THIS_PROCESS: dict[str, Calibration] = {}  # calibrations not in the cache file (degenerate, or it was unwritable)

@@ -13,7 +13,7 @@ ROOT = __import__("pathlib").Path(__file__).parent.parent
 # LFM2-VL's own processor defaults (max 256 image tokens, tiles of 512, 2-10 tiles, thumbnail)
 FULL = ImageSettings()
 # a cost model of a slow device: 1 ms per token of prefill, vision quadratic in a crop's patches
-SLOW = Calibration(prefill_fixed_s=0.05, prefill_per_token_s=1e-3, vision_per_patch_s=2e-4, vision_per_patch2_s=1e-7)
+SLOW = Calibration(prefill_fixed_s=0.05, prefill_per_token_s=1e-3, vision_per_patch_s=2e-4, vision_per_call_s=0.02)
 
 
 class _Processor:  # what `choose` needs of a processor: its settings and the tiling plan
@@ -113,7 +113,7 @@ def test_auto_budget_through_the_api_and_the_command_line(tmp_path, monkeypatch)
 
 def test_when_nothing_fits_equal_predictions_choose_the_smallest_budget():
     proc = _Processor(FULL)
-    flat = Calibration(prefill_fixed_s=2.0, prefill_per_token_s=0.0, vision_per_patch_s=0.0, vision_per_patch2_s=0.0)
+    flat = Calibration(prefill_fixed_s=2.0, prefill_per_token_s=0.0, vision_per_patch_s=0.0, vision_per_call_s=0.0)
     c = choose(proc, flat, [(1024, 1024)], 20, 1.0, {})  # every budget predicted 2 s: none meets 1 s
     assert not c.meets_target
     smallest = min(proc.plan(1024, 1024, **s).image_tokens for s in candidates(FULL, {}))
@@ -150,3 +150,12 @@ def test_a_short_context_an_unwritable_cache_and_a_degenerate_calibration(tmp_pa
     with pytest.warns(UserWarning, match="not cached"):
         assert calibration(model, recalibrate=True) == flat
     assert not (tmp_path / "calibration.json").exists()  # the next process measures again
+
+
+def test_vision_calls_are_counted_as_the_engine_groups_crops():
+    """Four 512x512 tiles and a small thumbnail: five calls one tile at a time, three two tiles at a time."""
+    crops = [1024, 1024, 1024, 1024, 256]
+    for per_call, calls in ((1024, 5), (2048, 3), (8192, 1)):
+        cal = Calibration(0.0, 0.0, vision_per_patch_s=1e-4, vision_per_call_s=0.1, patches_per_call=per_call)
+        assert cal.vision_s(crops) == pytest.approx(0.1 * calls + 1e-4 * sum(crops)), per_call
+    assert Calibration(0.0, 0.0, 1e-4, 0.1).vision_s([]) == 0.0
