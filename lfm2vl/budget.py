@@ -118,7 +118,6 @@ def calibration_key(model: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
-
 def _time_first_token(model: Any, request: Any) -> float:
     return model.engine.submit(request).result().ttft_s
 

@@ -29,7 +29,7 @@ def kernels(model: Any) -> dict[str, Any]:
             dtype = str(model.dtype).removeprefix("torch.")
             if not int8_matmul_available():
                 out["int8_prompt_rows"] = f"widened to {dtype} (no exact int8 matmul here)"
-            elif int8_prompt_products(model.dtype, 1 << 30):
+            elif int8_prompt_products(model.dtype, AMX_WIDEN_ROWS):  # only long chunks may widen
                 out["int8_prompt_rows"] = "int8 x int8"
             else:
                 out["int8_prompt_rows"] = f"int8 x int8 below {AMX_WIDEN_ROWS} rows, widened to {dtype} from {AMX_WIDEN_ROWS}"

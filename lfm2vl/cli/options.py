@@ -30,8 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="float32, bfloat16 or float16 (default: as stored, but float32 on the CPU)")
     g.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="int8: int8 weights for every linear layer, prompts and images multiplied int8 x int8 "
-                   "(long prompts widened to bf16 on AMX CPUs, faster there) (less memory, faster prefill and decoding); int4: the language model's in 4 bits "
-                   "(faster decoding still), the vision tower's in int8 (docs/performance.md)")
+                   "(long prompts widened to bf16 on AMX CPUs, faster there): less memory, faster prefill and "
+                   "decoding; int4: the language model's in 4 bits (faster decoding still), the vision tower's "
+                   "in int8 (docs/performance.md)")
     g.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter folder (adapter_config.json, from lfm2vl train --lora) applied at load")
 

@@ -5,8 +5,9 @@ already uses for bfloat16) gives the same float32 products, summed in another or
 2-core AMD EPYC (AVX-512) it ran 1.47x faster at 1,024 rows, 2.9x for one row, and streamed cold
 weights 1.8x faster (`python benchmarks/bench_kernels.py`, docs/performance.md): MKL runs its AVX2
 code on AMD CPUs. On Intel CPUs MKL is at its best and as fast or faster, fused activations
-included, so there float32 layers keep F.linear (`mkl_faster`). oneDNN also applies GELU / SiLU to the accumulator before writing it out (the activation
-costs a pass over memory otherwise: 9% of the vision tower's time in float32).
+included, so there float32 layers keep F.linear (`mkl_faster`). oneDNN also applies GELU / SiLU to
+the accumulator before writing it out (the activation costs a pass over memory otherwise: 9% of
+the vision tower's time in float32).
 
 In bfloat16, F.linear reaches the same oneDNN matmul already, but the activation is a pass of its
 own, and a slow one: on a 2-core Xeon with AMX, a 1,300 x 1024 -> 4608 layer took 4.7 ms and its
@@ -15,9 +16,9 @@ The epilogue also applies it to the float32 accumulator, one bf16 rounding fewer
 
 `linear` takes that path for float32 and bfloat16 CPU inference (no autograd: the op has no
 backward; bf16 only where oneDNN runs it natively) and is `F.linear` plus the activation everywhere
-else (training; GPUs; float16). `Linear` is an `nn.Linear` (same parameters, same checkpoint keys, still what
-quantization and LoRA look for) whose forward is `linear`; `apply` fuses an activation into a
-layer's matmul while the layer is still a plain `Linear`.
+else (training; GPUs; float16). `Linear` is an `nn.Linear` (same parameters, same checkpoint keys,
+still what quantization and LoRA look for) whose forward is `linear`; `apply` fuses an activation
+into a layer's matmul while the layer is a plain `Linear` or a quantized layer that fuses it itself.
 """
 
 from __future__ import annotations
