@@ -1,4 +1,4 @@
-"""Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant.py chooses from.
+"""Linear-layer kernels on this machine (a benchmark, not a test): what lfm2vl/quant/ chooses from.
 
 One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, with the weight in
 fp32 (torch's F.linear, MKL, and oneDNN's float32 matmul, which lfm2vl/model/linear.py uses), bf16,

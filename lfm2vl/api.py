@@ -349,7 +349,7 @@ def load(
     dtype None keeps the stored dtype, except that bf16/fp16 weights are upcast to float32 on
     the CPU (half-precision matmuls are slow or unsupported on many CPUs). With no path, the
     model bundled with the package is loaded. quantize="int8" keeps every linear layer's weight in
-    int8 (lfm2vl/quant.py; about 4x less memory for them and faster decoding); quantize="int4" keeps
+    int8 (lfm2vl/quant/; about 4x less memory for them and faster decoding); quantize="int4" keeps
     the language model's in 4 bits (faster decoding still) and the vision tower's in int8. dtype then
     defaults to the device's fast compute dtype (bfloat16 on CPUs with native bf16).
     """

@@ -1,7 +1,7 @@
 """What the CPU is: its model name, vendor and feature flags, read once from /proc/cpuinfo (Linux;
 elsewhere empty, but for the vendor on Windows).
 
-The quantized layers choose kernels by them (lfm2vl/quant.py), the image-budget calibration is cached
+The quantized layers choose kernels by them (lfm2vl/quant/), the image-budget calibration is cached
 per CPU (lfm2vl/budget.py), and every benchmark prints them (lfm2vl/bench/workload.py).
 """
 

@@ -211,7 +211,7 @@ def load_weights(
     """Build `Lfm2Vl` on the meta device and fill it strictly from the folder's safetensors.
 
     With quantize="int8" / "int4" each linear layer's weight is quantized as it is read
-    (lfm2vl/quant.py), so its float copy never exists beside the quantized one; everything else is
+    (lfm2vl/quant/), so its float copy never exists beside the quantized one; everything else is
     cast to `dtype`. A `prequantized` folder (written by `write_quantized`, with quantize naming its
     scheme) holds the quantized tensors themselves.
     """
@@ -253,7 +253,7 @@ def load_weights(
                 shell = model.get_submodule(name.removesuffix(".qweight"))  # an Int4Linear: (out, in)
                 state[name] = repack_int4(t, shell.out_features, shell.in_features, stored_block).to(device)
             else:
-                # int4 scales stay bf16 whatever the compute dtype: the kernel takes no other (quant.py)
+                # int4 scales stay bf16 whatever the compute dtype: the kernel takes no other (lfm2vl/quant/int4.py)
                 keep = not t.is_floating_point() or name.endswith(".scales_zeros")
                 state[name] = t.to(device=device, dtype=t.dtype if keep else dtype)
             del t
@@ -278,7 +278,7 @@ QUANTIZATION_CONFIGS = {
     "int8": {"quant_method": "lfm2vl", "weights": "int8", "symmetric": True,
              "scales": "one per output channel of each linear layer, one per row of the embedding"},
     "int4": {"quant_method": "lfm2vl", "weights": "int4", "group_size": 32, "symmetric": False,
-             "layout": "torch CPU int4pack (lfm2vl/quant.py)",
+             "layout": "torch CPU int4pack (lfm2vl/quant/)",
              "layers": "language model and head int4 (.qweight U8 + .scales_zeros; a tied head is also the "
                        "embedding table), vision and projector int8"},
 }

@@ -20,7 +20,8 @@ ALLOWED = {
     "weights": {"config", "memory", "model", "quant"},
     "engine": {"cpu", "memory", "model", "sampling", "textstream"},
     "completion": {"engine", "sampling"},
-    "quant": {"cpu", "model"},  # model/linear.py: the float32 matmul of widened weights
+    "native": {"cpu"},
+    "quant": {"cpu", "model", "native"},  # model/linear.py: the float32 matmul of widened weights
     "budget": {"cpu", "processing"},
     "api": {"budget", "bundled", "completion", "config", "engine", "hub", "model", "processing", "quant", "sampling", "weights"},
     "__init__": {"api", "config", "engine", "memory", "processing"},
@@ -29,7 +30,7 @@ ALLOWED = {
     "server": {"lfm2vl", "api", "budget", "completion", "engine", "processing", "sampling"},
     "cli": {"lfm2vl", "api", "bench", "budget", "bundled", "config", "engine", "eval", "processing", "quant", "sampling", "server", "train",
             "weights"},
-    "bench": {"lfm2vl", "api", "bundled", "config", "cpu", "memory", "model", "processing", "quant", "weights"},
+    "bench": {"lfm2vl", "api", "bundled", "config", "cpu", "memory", "model", "native", "processing", "quant", "weights"},
     "__main__": {"cli"},
 }
 FORBIDDEN_EVERYWHERE = {"transformers", "torchvision"}

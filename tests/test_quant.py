@@ -1,4 +1,4 @@
-"""int8 and int4 weights (lfm2vl/quant.py): every kernel computes the dequantized layer; the quantized
+"""int8 and int4 weights (lfm2vl/quant/): every kernel computes the dequantized layer; the quantized
 bundled model agrees with fp32 teacher-forced and answers easy-VQA questions the same; what cannot work
 says so. Also the half-precision decode paths of the text model (one-query attention, the conv tap)."""
 
@@ -16,8 +16,8 @@ ROOT = __import__("pathlib").Path(__file__).parent.parent
 @pytest.mark.parametrize("rows", [1, SMALL_ROWS, SMALL_ROWS + 1, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_is_the_dequantized_layer(rows, dtype):
-    """Decode rows (one new token for each of `rows` sequences): the weight is int8, the activations not
-    (up to SMALL_ROWS rows the GEMV takes them in bf16, whatever the compute dtype)."""
+    """Decode rows (one new token for each of `rows` sequences): the weight is int8; up to SMALL_ROWS rows
+    the activations are rounded too (lfm2vl's int8 x int8 kernel, or torch's GEMV in bf16), above it not."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, dtype)
@@ -85,8 +85,9 @@ def test_long_bf16_prompt_chunks_widen_on_amx_cpus_and_multiply_int8_elsewhere(a
 
 def test_a_short_prompt_chunk_never_takes_the_decode_gemv(monkeypatch):
     """Where prompt rows widen (no exact int8 matmul), a chunk of a few prompt rows widens too: the
-    kernel follows the kind of row, not how many; decode rows keep the GEMV."""
-    from lfm2vl import quant
+    kernel follows the kind of row, not how many; decode rows keep theirs (lfm2vl's int8 x int8 kernel,
+    which is exact on any CPU, or torch's GEMV where it is not built)."""
+    from lfm2vl import native, quant
 
     monkeypatch.setattr(quant, "int8_matmul_available", lambda: False)
     torch.manual_seed(0)
@@ -96,10 +97,13 @@ def test_a_short_prompt_chunk_never_takes_the_decode_gemv(monkeypatch):
     def widen(i, j):
         return q.qweight[i:j].bfloat16().mul_(q.scale[i:j, None])
 
-    gemv = torch.ops.aten._weight_int8pack_mm(x[0], q.qweight, q.scale) + q.bias
+    decode = native.int8_rows(x[0], q.qweight, q.scale)
+    if decode is None:
+        decode = torch.ops.aten._weight_int8pack_mm(x[0], q.qweight, q.scale)
+    decode = decode + q.bias
     with torch.inference_mode():
         assert torch.equal(q(x)[0], quant.widened_linear(x[0], 160, widen, q.bias))  # a 3-token prompt chunk
-        assert torch.equal(q(x.transpose(0, 1))[:, 0], gemv)  # 3 sequences decoding one token each
+        assert torch.equal(q(x.transpose(0, 1))[:, 0], decode)  # 3 sequences decoding one token each
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -317,7 +321,7 @@ def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
 def test_int4_packing_of_each_cpu_kind_reads_back_and_repacks():
     """AVX-512 kernels pack 64 output rows per block, AVX2 kernels 32 (checked on this CPU's packing;
     the other layout is written by hand)."""
-    from lfm2vl.quant import INT4_BLOCKS, _unpack_nibbles, int4_block, repack_int4
+    from lfm2vl.quant.int4 import INT4_BLOCKS, _unpack_nibbles, int4_block, repack_int4
 
     q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
     here = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -335,7 +339,7 @@ def test_an_int4_checkpoint_written_on_another_kind_of_cpu_loads_repacked(tmp_pa
     from safetensors.torch import load_file, save_file
 
     from lfm2vl.api import quantize_checkpoint
-    from lfm2vl.quant import INT4_BLOCKS, _unpack_nibbles, int4_block
+    from lfm2vl.quant.int4 import INT4_BLOCKS, _unpack_nibbles, int4_block
 
     out = quantize_checkpoint(ROOT / "lfm2vl/assets/bundled_model", tmp_path / "int4", "int4")
     config = json.loads((out / "config.json").read_text())

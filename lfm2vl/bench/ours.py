@@ -18,6 +18,7 @@ def _sync(device: torch.device) -> None:
 
 def kernels(model: Any) -> dict[str, Any]:
     """The per-device kernel choices this run took (they differ between CPUs: compare machines by them)."""
+    from .. import native
     from ..model.linear import mkl_faster, onednn_bfloat16
     from ..quant import AMX_WIDEN_ROWS, int8_matmul_available, int8_prompt_products
 
@@ -33,6 +34,8 @@ def kernels(model: Any) -> dict[str, Any]:
                 out["int8_prompt_rows"] = "int8 x int8"
             else:
                 out["int8_prompt_rows"] = f"int8 x int8 below {AMX_WIDEN_ROWS} rows, widened to {dtype} from {AMX_WIDEN_ROWS}"
+            why_not = native.why_not()
+            out["int8_decode_rows"] = "lfm2vl native int8 x int8" if why_not is None else f"torch GEMV ({why_not})"
     return out
 
 

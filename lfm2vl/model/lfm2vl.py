@@ -96,7 +96,7 @@ class Lfm2Vl(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
-            return self.lm_head(hidden)  # a quantized head (lfm2vl/quant.py)
+            return self.lm_head(hidden)  # a quantized head (lfm2vl/quant/)
         weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(hidden, weight)  # (..., V)
 

@@ -119,7 +119,7 @@ def apply(layer: nn.Module, x: torch.Tensor, act: str = "none") -> torch.Tensor:
     says it fuses (FUSES_ACTIVATION); a LoRA wrapper that replaced it runs as itself, then the activation."""
     if type(layer) is Linear:
         return linear(x, layer.weight, layer.bias, act)
-    if getattr(layer, "FUSES_ACTIVATION", False):  # a quantized layer (lfm2vl/quant.py) fuses it itself
+    if getattr(layer, "FUSES_ACTIVATION", False):  # a quantized layer (lfm2vl/quant/) fuses it itself
         return layer(x, act=act)
     return activate(layer(x), act)
 
