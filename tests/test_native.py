@@ -1,6 +1,6 @@
-"""lfm2vl's own CPU kernels (lfm2vl/native): built with the system C compiler and cached; the same bits
-as the torch code they stand in for, whatever the rows beside, the thread count or the dtype; and
-where they cannot be built, the layers keep torch's kernels and say why."""
+"""lfm2vl's own CPU kernels for decode rows (lfm2vl/native): built with the system C compiler and
+cached; the dequantized layer times group-rounded activations, whatever the rows beside or the thread
+count; and where they cannot be built, the layers keep torch's kernels and say why."""
 
 import os
 import subprocess
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lfm2vl import native
-from lfm2vl.quant import SMALL_ROWS, Int8Linear, int8_dynamic_linear, quantize_weight
+from lfm2vl.quant import (SMALL_ROWS, Int4Linear, Int8Linear, int4_block, int8_dynamic_linear, int8_matmul_available,
+                          quantize_weight)
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason=f"kernels not built: {native.why_not()}")
 
@@ -21,25 +22,35 @@ def _layer(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Ten
     return qweight, scale.to(dtype)
 
 
+def _group_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x (M, in) on the int8 grid of each group of 32 inputs (what the kernels multiply)."""
+    g = x.float().reshape(x.shape[0], -1, 32)
+    s = g.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    return (torch.round(g / s) * s).reshape(x.shape)
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 160, 96), (3, 4608, 1024), (8, 1024, 4608), (5, 640, 768), (2, 96, 2048)])
-def test_int8_rows_are_the_bits_of_int8_dynamic_linear(dtype, m, n, k):
-    qweight, scale = _layer(n, k, dtype)
+def test_int8_rows_multiply_the_weight_by_group_rounded_activations(m, n, k):
+    qweight, scale = _layer(n, k, torch.float32)
     g = torch.Generator().manual_seed(1)
+    w = qweight.double() * scale.double()[:, None]
     for magnitude in (1e-3, 1.0, 300.0):
-        x = (torch.randn(m, k, generator=g) * magnitude * torch.linspace(0.1, 10, k)).to(dtype)
-        x[0, k // 3] = 40 * magnitude  # an outlier channel, as real activations have
+        x = torch.randn(m, k, generator=g) * magnitude * torch.linspace(0.1, 10, k)
+        x[0, k // 3] = 40 * magnitude  # an outlier channel, as real activations have: only its group coarsens
         got = native.int8_rows(x, qweight, scale)
-        assert got.dtype == dtype and got.shape == (m, n)
-        assert torch.equal(got, int8_dynamic_linear(x, qweight, scale))
+        assert got.dtype == torch.float32 and got.shape == (m, n)
+        expected = _group_rounded(x).double() @ w.t()
+        assert (got.double() - expected).abs().max() / expected.abs().max() < 1e-5  # float32 sums of exact int32 ones
+        full = x.double() @ w.t()
+        assert (got.double() - full).norm() / full.norm() < 0.01
 
 
 @needs_kernels
 def test_int8_rows_do_not_depend_on_their_neighbours_or_the_threads():
     qweight, scale = _layer(1024, 512, torch.bfloat16)
     x = torch.randn(SMALL_ROWS, 512).bfloat16()
-    x[2] = 0  # an all-zero row: scale clamped, products 0
+    x[2] = 0  # an all-zero row: products 0
     together = native.int8_rows(x, qweight, scale)
     alone = torch.cat([native.int8_rows(row[None], qweight, scale) for row in x])
     threads = torch.get_num_threads()
@@ -53,33 +64,25 @@ def test_int8_rows_do_not_depend_on_their_neighbours_or_the_threads():
 
 
 @needs_kernels
-def test_a_row_with_nan_gives_nan_as_torch_does():
-    qweight, scale = _layer(64, 96, torch.float32)
-    x = torch.randn(2, 96)
-    x[1, 5] = float("nan")
-    got = native.int8_rows(x, qweight, scale)
-    assert torch.equal(got[0], int8_dynamic_linear(x[:1], qweight, scale)[0]) and got[1].isnan().all()
-
-
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_layers_take_the_kernel_for_decode_rows_and_short_prompt_chunks(dtype):
-    """Decode rows (B, 1, in) and prompt chunks of up to SMALL_ROWS rows compute int8_dynamic_linear's
-    bits (the long-prompt kernel), so a token's numbers do not depend on the path its row took."""
+def test_int8_layers_take_the_kernel_for_decode_rows_only(dtype):
+    """Decode rows (B, 1, in) take the kernel; prompt rows, however few, int8_dynamic_linear (one scale a
+    row), so a prompt's numbers do not depend on how it was chunked."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 320)
     q = Int8Linear.from_linear(linear, dtype)
-    for shape in ((1, 1, 256), (SMALL_ROWS, 1, 256), (1, 3, 256)):
-        x = torch.randn(shape).to(dtype)
-        with torch.inference_mode():
-            expected = int8_dynamic_linear(x.reshape(-1, 256), q.qweight, q.scale) + q.bias
-            assert torch.equal(q(x).reshape(-1, 320), expected), shape
+    x = torch.randn(SMALL_ROWS, 1, 256).to(dtype)
+    with torch.inference_mode():
+        decode = native.int8_rows(x.reshape(-1, 256), q.qweight, q.scale).to(dtype) + q.bias
+        assert torch.equal(q(x).reshape(-1, 320), decode)
+        if int8_matmul_available():
+            prompt = x.reshape(1, SMALL_ROWS, 256)
+            assert torch.equal(q(prompt)[0], int8_dynamic_linear(prompt[0], q.qweight, q.scale) + q.bias)
 
 
-def test_operands_the_kernels_do_not_take_are_left_to_torch():
-    qweight, scale = _layer(64, 96, torch.float32)
-    assert native.int8_rows(torch.randn(1, 96).half(), qweight, scale.half()) is None
-    assert native.int8_rows(torch.randn(1, 96).bfloat16(), qweight, scale) is None  # mixed dtypes
+def test_layers_the_kernels_do_not_take_are_left_to_torch():
+    qweight, scale = _layer(64, 80, torch.float32)  # 80 inputs: not whole groups of 32
+    assert native.int8_rows(torch.randn(1, 80), qweight, scale) is None
 
 
 def _probe(env: dict[str, str]) -> str:
@@ -119,3 +122,39 @@ def test_the_bench_names_the_decode_kernel_it_ran():
                             quantization="int8", dtype=torch.bfloat16)
     expected = "lfm2vl native int8 x int8" if native.library() is not None else f"torch GEMV ({native.why_not()})"
     assert kernels(model)["int8_decode_rows"] == expected
+
+
+needs_int4 = pytest.mark.skipif(native.library() is None or int4_block() != native.INT4_BLOCK_ROWS,
+                                reason="the int4 kernel needs the kernels and torch's AVX-512 int4 packing")
+
+
+@needs_int4
+@pytest.mark.parametrize("m,n,k", [(1, 4608, 1024), (3, 1024, 4608), (8, 128, 96), (2, 192, 2048)])
+def test_int4_rows_multiply_the_dequantized_weight_by_group_rounded_activations(m, n, k):
+    torch.manual_seed(0)
+    q = Int4Linear.from_weight(torch.randn(n, k) * 0.05, None, torch.bfloat16)
+    x = torch.randn(m, k) * torch.linspace(0.1, 5, k)
+    x[0, 7] = 60  # an outlier: only its own group's grid coarsens
+    got = native.int4_rows(x, q.qweight, q.scales_zeros, n)
+    w = q.dequantized(torch.float32).double()
+    expected = _group_rounded(x).double() @ w.t()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5  # float32 sums of exact int32 ones
+    full = x.double() @ w.t()
+    assert (got.double() - full).norm() / full.norm() < 0.01  # the activations' rounding: ~0.5%
+    alone = torch.cat([native.int4_rows(row[None], q.qweight, q.scales_zeros, n) for row in x])
+    assert torch.equal(alone, got), "a row's result must not depend on the rows beside it"
+
+
+@needs_int4
+def test_int4_layers_take_the_kernel_for_decode_rows_only():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 320)
+    q = Int4Linear.from_weight(linear.weight, linear.bias, torch.bfloat16)
+    x = torch.randn(2, 1, 256).bfloat16()
+    with torch.inference_mode():
+        kernel = native.int4_rows(x.reshape(2, 256), q.qweight, q.scales_zeros, 320).bfloat16() + q.bias
+        assert torch.equal(q(x).reshape(2, 320), kernel)  # two sequences decoding a token each
+        prompt = x.reshape(1, 2, 256)  # the same rows as a 2-token prompt chunk: torch's kernel, bf16 activations
+        torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(prompt[0], q.qweight, 32, q.scales_zeros) + q.bias
+        assert torch.equal(q(prompt)[0], torch_kernel)

@@ -85,8 +85,8 @@ def test_long_bf16_prompt_chunks_widen_on_amx_cpus_and_multiply_int8_elsewhere(a
 
 def test_a_short_prompt_chunk_never_takes_the_decode_gemv(monkeypatch):
     """Where prompt rows widen (no exact int8 matmul), a chunk of a few prompt rows widens too: the
-    kernel follows the kind of row, not how many; decode rows keep theirs (lfm2vl's int8 x int8 kernel,
-    which is exact on any CPU, or torch's GEMV where it is not built)."""
+    kernel follows the kind of row, not how many; decode rows keep theirs (lfm2vl's kernel, or torch's
+    GEMV where it is not built)."""
     from lfm2vl import native, quant
 
     monkeypatch.setattr(quant, "int8_matmul_available", lambda: False)
@@ -100,7 +100,7 @@ def test_a_short_prompt_chunk_never_takes_the_decode_gemv(monkeypatch):
     decode = native.int8_rows(x[0], q.qweight, q.scale)
     if decode is None:
         decode = torch.ops.aten._weight_int8pack_mm(x[0], q.qweight, q.scale)
-    decode = decode + q.bias
+    decode = decode.bfloat16() + q.bias
     with torch.inference_mode():
         assert torch.equal(q(x)[0], quant.widened_linear(x[0], 160, widen, q.bias))  # a 3-token prompt chunk
         assert torch.equal(q(x.transpose(0, 1))[:, 0], decode)  # 3 sequences decoding one token each

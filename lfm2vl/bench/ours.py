@@ -20,7 +20,7 @@ def kernels(model: Any) -> dict[str, Any]:
     """The per-device kernel choices this run took (they differ between CPUs: compare machines by them)."""
     from .. import native
     from ..model.linear import mkl_faster, onednn_bfloat16
-    from ..quant import AMX_WIDEN_ROWS, int8_matmul_available, int8_prompt_products
+    from ..quant import AMX_WIDEN_ROWS, int4_block, int8_matmul_available, int8_prompt_products
 
     out: dict[str, Any] = {"vision_patches_per_call": model.engine.vision_patches}
     if model.device.type == "cpu":
@@ -36,6 +36,9 @@ def kernels(model: Any) -> dict[str, Any]:
                 out["int8_prompt_rows"] = f"int8 x int8 below {AMX_WIDEN_ROWS} rows, widened to {dtype} from {AMX_WIDEN_ROWS}"
             why_not = native.why_not()
             out["int8_decode_rows"] = "lfm2vl native int8 x int8" if why_not is None else f"torch GEMV ({why_not})"
+            if model.quantization == "int4":
+                native_int4 = native.library() is not None and int4_block() == native.INT4_BLOCK_ROWS
+                out["int4_decode_rows"] = "lfm2vl native int4 x int8" if native_int4 else "torch int4 kernel"
     return out
 
 

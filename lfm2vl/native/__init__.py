@@ -1,6 +1,7 @@
-"""lfm2vl's own CPU kernels (kernels.c), built once per machine with the system C compiler and loaded
-with ctypes; where there is none (or it fails), `library()` is None and the quantized layers keep
-torch's kernels. Why, and what they compute: kernels.c.
+"""lfm2vl's own CPU kernels for decode rows of quantized layers (kernels.c), built once per machine with
+the system C compiler and loaded with ctypes; where there is none, it fails, or the CPU lacks
+AVX512-VNNI, `library()` is None (`why_not()` says why) and the layers keep torch's kernels. Why, and
+what they compute: kernels.c.
 
 The library is built with -march=native for this CPU and cached in ~/.cache/lfm2vl/native/
 (`$LFM2VL_CACHE` moves it) under a hash of the source, the compiler, its flags and the CPU's flags,
@@ -29,8 +30,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c11", "-
 BUILD_TIMEOUT_S = 120
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
-    "int8_rows_f32": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int],
-    "int8_rows_bf16": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int],
+    "int8_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int],
+    "int4_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int],
 }
 _why_not: list[str] = []  # why library() is None, once it has been asked
 
@@ -90,6 +91,10 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not.append(f"could not build lfm2vl/native/kernels.c: {e}")
         return None
+    lib.kernels_available.restype = ctypes.c_int
+    if not lib.kernels_available():
+        _why_not.append("this CPU has no AVX512-VNNI (the kernels are written for it)")
+        return None
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
@@ -106,23 +111,38 @@ def _ptr(t: torch.Tensor) -> int:
 
 
 def int8_rows(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x2 (M, in) @ (qweight (out, in) int8 * scale (out,))^T -> (M, out), the same bits as
-    lfm2vl/quant's int8_dynamic_linear (rows quantized to int8 one by one, exact int32 sums), at
-    the memory's speed for a few rows. None where the kernels are missing or the operands are not a
-    CPU float32 or bfloat16 layer (the caller then takes torch's kernels)."""
+    """x2 (M, in) @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) float32, the activations
+    rounded to int8 per group of 32 (kernels.c), at the memory's speed for a few rows. None where
+    the kernels are not built or the layer is not one they take (in % 32; the caller takes torch's)."""
     lib = library()
-    if lib is None or x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16) or scale.dtype != x2.dtype:
+    if lib is None or x2.device.type != "cpu" or x2.shape[1] % 32:
         return None
-    x2, qweight, scale = x2.contiguous(), qweight.contiguous(), scale.contiguous()
+    x2, qweight, scale = x2.to(torch.float32).contiguous(), qweight.contiguous(), scale.to(torch.float32).contiguous()
     (m, k), n = x2.shape, qweight.shape[0]
-    y = x2.new_empty(m, n)
+    y = torch.empty(m, n, dtype=torch.float32)
     xq = torch.empty(m, k, dtype=torch.int8)
-    row_scale = torch.empty(m, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    if x2.dtype == torch.float32:
-        lib.int8_rows_f32(_ptr(x2), _ptr(qweight), _ptr(scale), _ptr(y), m, n, k, _ptr(xq), _ptr(row_scale), threads)
-    else:
-        xf = torch.empty(m, k, dtype=torch.float32)
-        lib.int8_rows_bf16(_ptr(x2), _ptr(qweight), _ptr(scale), _ptr(y), m, n, k, _ptr(xq), _ptr(row_scale),
-                           _ptr(xf), threads)
+    xs, xs16 = torch.empty(m, k // 32), torch.empty(m, k // 4)
+    lib.int8_rows(_ptr(x2), _ptr(qweight), _ptr(scale), _ptr(y), m, n, k, _ptr(xq), _ptr(xs), _ptr(xs16),
+                  torch.get_num_threads())
     return y
+
+
+INT4_BLOCK_ROWS = 64  # the packing int4_rows reads: torch's AVX-512 one (lfm2vl/quant/int4.py)
+
+
+def int4_rows(x2: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """x2 (M, in) @ W^T -> (M, out) float32 for an int4 weight in torch's AVX-512 packing (qweight
+    (out, in / 2) uint8, scales_zeros (in / 32, out, 2) bf16), the activations rounded to int8 per
+    group of 32 (kernels.c). None where the kernel is not built (the caller takes torch's)."""
+    lib = library()
+    if lib is None or x2.device.type != "cpu" or scales_zeros.dtype != torch.bfloat16:
+        return None
+    x2 = x2.to(torch.float32).contiguous()
+    (m, k), groups = x2.shape, x2.shape[1] // 32
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    xq = torch.empty(m, k, dtype=torch.int8)
+    xs, xsum = torch.empty(m, groups), torch.empty(m, groups)
+    lib.int4_rows(_ptr(x2), _ptr(qweight), _ptr(scales_zeros.contiguous()), _ptr(y), m, out_features, k,
+                  _ptr(xq), _ptr(xs), _ptr(xsum), torch.get_num_threads())
+    return y
+

@@ -8,9 +8,9 @@ than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbo
 - prompt and image rows (prefill chunks, the vision tower): int8 x int8 (`int8_dynamic_linear`): each
   row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
   by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
-- decode rows, and prompt chunks of at most SMALL_ROWS rows that multiply int8 x int8: lfm2vl's own
-  kernel (lfm2vl/native: the same bits as int8_dynamic_linear, at the memory's speed, 2x torch's GEMV
-  on a 2-core EPYC) where a C compiler built it, else decode rows take torch's int8 weight-only GEMV
+- decode rows, up to SMALL_ROWS of them: lfm2vl's own kernel (lfm2vl/native: activations rounded to
+  int8 per group of 32, exact int32 sums; at the memory's speed, 2x torch's GEMV on a 2-core EPYC)
+  where a C compiler built it for a CPU with AVX512-VNNI, else torch's int8 weight-only GEMV
   (`_weight_int8pack_mm`; activations in bf16 whatever the compute dtype, its float32 path is not
   vectorized: 1.8 against 9.7-12 G weights/s);
 - more decode rows, prompt rows where torch's CPU int8 matmul is missing or inexact (no
@@ -37,13 +37,12 @@ from ..cpu import cpu_flags
 from ..model.linear import activate
 
 # this package's public face: the loader (weights.py), the CLI, the bench and the tests import from here
-from .common import WIDEN_BLOCK_BYTES, _QuantizedLinear, widened_linear  # noqa: F401
+from .common import SMALL_ROWS, WIDEN_BLOCK_BYTES, _QuantizedLinear, prompt_rows, widened_linear  # noqa: F401
 from .int4 import (INT4_BLOCKS, INT4_GROUP, INT4_KERNEL_ROWS, Int4Linear, Int4TiedEmbedding,  # noqa: F401
                    add_int4_head, int4_available, int4_block, int4_fits, quantize_int4, repack_int4, tied_int4_head)
 
 QUANTIZE = ("int8", "int4")
 KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's input dtype: left as is
-SMALL_ROWS = 8  # at or below: the int8 GEMV kernel; above: widen and multiply (measured crossover ~8-16)
 DYNAMIC_BLOCK_BYTES = 8 * 2**20  # int8 x int8 products held at once (a block of rows)
 
 
@@ -137,15 +136,6 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
 
 
 
-def prompt_rows(x: torch.Tensor) -> bool:
-    """Whether x holds prompt or image rows (a (B, T > 1, in) chunk, or 2-D rows: the vision tower),
-    not one new token per sequence (a decode step, (B, 1, in)). The choice is by kind of row, never
-    by how many: prompt rows always take a prompt path (int8 x int8, or widened where int8 products
-    are inexact, or on AMX for a long chunk: `int8_prompt_products`); decode rows never do, however
-    many decode together. A one-token prompt chunk (a prefix hit one short) counts as a decode step."""
-    return x.dim() == 2 or x.shape[-2] > 1
-
-
 
 class Int8Linear(_QuantizedLinear):
     """y = x W^T + b with W int8 (out, in) and a per-output-channel scale: W ~= qweight * scale[:, None]."""
@@ -177,15 +167,13 @@ class Int8Linear(_QuantizedLinear):
         cpu, prompt, few = x2.device.type == "cpu", prompt_rows(x), x2.shape[0] <= SMALL_ROWS
         y = None
         if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
-            if few:  # lfm2vl's kernel: the same bits, faster for a few rows (None where it is not built)
-                y = native.int8_rows(x2, self.qweight, self.scale)
-            if y is None:
-                y = int8_dynamic_linear(x2, self.qweight, self.scale)
+            y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif not prompt and cpu and few:
-            y = native.int8_rows(x2, self.qweight, self.scale)  # int8 x int8, as prompt rows
+            y = native.int8_rows(x2, self.qweight, self.scale)  # lfm2vl's kernel (None: not built here)
             if y is None:  # torch's GEMV: bf16 activations whatever the compute dtype (its float32 path is slow)
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
-                                                       self.scale.to(torch.bfloat16)).to(x2.dtype)  # (M, out)
+                                                       self.scale.to(torch.bfloat16))
+            y = y.to(x2.dtype)  # (M, out)
         if y is None:  # the scale goes into the widened rows, so that bias and activation fuse into the matmul
             def widen(i: int, j: int) -> torch.Tensor:
                 return self.qweight[i:j].to(x2.dtype).mul_(self.scale[i:j, None])

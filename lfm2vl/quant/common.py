@@ -1,5 +1,5 @@
-"""What the int8 and int4 layers share: their constructor from a float weight, and the many-row
-matmul of a weight widened a block of rows at a time."""
+"""What the int8 and int4 layers share: the kind of rows a call multiplies, their constructor from a
+float weight, and the many-row matmul of a weight widened a block of rows at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from torch import nn
 
 from ..model.linear import linear
 
+SMALL_ROWS = 8  # decode rows at or below: the few-row kernels; above: widen and multiply (crossover ~8-16)
 WIDEN_BLOCK_BYTES = 4 * 2**20  # many-row calls widen this much of a weight at a time (see widened_linear)
+
+
+def prompt_rows(x: torch.Tensor) -> bool:
+    """Whether x holds prompt or image rows (a (B, T > 1, in) chunk, or 2-D rows: the vision tower),
+    not one new token per sequence (a decode step, (B, 1, in)). The choice is by kind of row, never
+    by how many: prompt rows always take a prompt path (int8 x int8, or widened where int8 products
+    are inexact, or on AMX for a long chunk: `int8_prompt_products`); decode rows never do, however
+    many decode together. A one-token prompt chunk (a prefix hit one short) counts as a decode step."""
+    return x.dim() == 2 or x.shape[-2] > 1
 
 
 def widened_linear(x2: torch.Tensor, out_features: int, widen, bias: torch.Tensor | None = None,
