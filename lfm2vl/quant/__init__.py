@@ -135,8 +135,6 @@ def quantize_weight(weight: torch.Tensor, chunk_rows: int = 1024) -> tuple[torch
     return qweight, scale
 
 
-
-
 class Int8Linear(_QuantizedLinear):
     """y = x W^T + b with W int8 (out, in) and a per-output-channel scale: W ~= qweight * scale[:, None]."""
 
@@ -187,7 +185,6 @@ class Int8Linear(_QuantizedLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-
 def layer_kind(scheme: str, name: str, out_features: int, in_features: int) -> str:
     """What one linear layer becomes under `scheme`: "int4" for the language model's layers and head
     (when the kernel takes their shape), else "int8"."""
@@ -214,7 +211,6 @@ def replace_linears(module: nn.Module, dtype: torch.dtype, names: list[str] | No
         old = module.get_submodule(name)
         cls = LINEAR[layer_kind(scheme, name, old.out_features, old.in_features)]
         module.set_submodule(name, cls(old.in_features, old.out_features, old.bias is not None, dtype, old.weight.device))
-
 
 
 def is_quantized(module: nn.Module) -> str | None:
