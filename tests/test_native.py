@@ -12,6 +12,7 @@ import torch
 from lfm2vl import native
 from lfm2vl.quant import (SMALL_ROWS, Int4Linear, Int8Linear, int4_block, int8_dynamic_linear, int8_matmul_available,
                           quantize_weight)
+from lfm2vl.quant.int4 import _dequantize_groups, _unpack_nibbles
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason=f"kernels not built: {native.why_not()}")
 
@@ -120,12 +121,13 @@ def test_the_bench_names_the_decode_kernel_it_ran():
 
     model = SimpleNamespace(engine=SimpleNamespace(vision_patches=1024), device=torch.device("cpu"),
                             quantization="int8", dtype=torch.bfloat16)
-    expected = "lfm2vl native int8 x int8" if native.library() is not None else f"torch GEMV ({native.why_not()})"
+    isa = native.isa()
+    expected = f"lfm2vl native int8 x int8 ({isa})" if isa else f"torch GEMV ({native.why_not()})"
     assert kernels(model)["int8_decode_rows"] == expected
 
 
-needs_int4 = pytest.mark.skipif(native.library() is None or int4_block() != native.INT4_BLOCK_ROWS,
-                                reason="the int4 kernel needs the kernels and torch's AVX-512 int4 packing")
+needs_int4 = pytest.mark.skipif(native.library() is None or int4_block() not in native.INT4_BLOCKS,
+                                reason="the int4 kernel needs the kernels and a torch int4 packing they read")
 
 
 @needs_int4
@@ -135,15 +137,71 @@ def test_int4_rows_multiply_the_dequantized_weight_by_group_rounded_activations(
     q = Int4Linear.from_weight(torch.randn(n, k) * 0.05, None, torch.bfloat16)
     x = torch.randn(m, k) * torch.linspace(0.1, 5, k)
     x[0, 7] = 60  # an outlier: only its own group's grid coarsens
-    got = native.int4_rows(x, q.qweight, q.scales_zeros, n)
+    got = native.int4_rows(x, q.qweight, q.scales_zeros, n, int4_block())
     w = q.dequantized(torch.float32).double()
     expected = _group_rounded(x).double() @ w.t()
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5  # float32 sums of exact int32 ones
     full = x.double() @ w.t()
     assert (got.double() - full).norm() / full.norm() < 0.01  # the activations' rounding: ~0.5%
-    alone = torch.cat([native.int4_rows(row[None], q.qweight, q.scales_zeros, n) for row in x])
+    alone = torch.cat([native.int4_rows(row[None], q.qweight, q.scales_zeros, n, int4_block()) for row in x])
     assert torch.equal(alone, got), "a row's result must not depend on the rows beside it"
+
+
+def _pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
+    """(n, k) nibbles -> torch's CPU int4 packing of `block` rows (lfm2vl/quant/int4.py: _unpack_nibbles reads it)."""
+    n, k = q.shape
+    b = q.view(n // block, 2, block // 2, k).transpose(2, 3)  # (blocks, low/high, k, block / 2)
+    return (b[:, 0] | (b[:, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+@pytest.mark.skipif(native.library() is None, reason=f"kernels not built: {native.why_not()}")
+@pytest.mark.parametrize("block", native.INT4_BLOCKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_read_both_of_torchs_packings_from_either_input_dtype(block, dtype):
+    """The AVX2 packing (32 rows a block) and the AVX-512 one (64), whichever this CPU's torch uses: a
+    checkpoint from another machine, or torch told to use other kernels, still decodes right."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 192, 160
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    assert torch.equal(_unpack_nibbles(_pack_int4(q, block), n, k, block), q)
+    scales_zeros = (torch.rand(k // 32, n, 2, generator=g) * 0.02).bfloat16()
+    x = (torch.randn(3, k, generator=g) * torch.linspace(0.1, 5, k)).to(dtype)
+    got = native.int4_rows(x, _pack_int4(q, block), scales_zeros, n, block)
+    w = _dequantize_groups(q, scales_zeros, torch.float64)
+    expected = _group_rounded(x.float()).double() @ w.t()
+    assert ((got.double() - expected).abs().max() / expected.abs().max()) < 1e-5
+    other = native.INT4_BLOCKS[1 - native.INT4_BLOCKS.index(block)]
+    assert torch.equal(got, native.int4_rows(x, _pack_int4(q, other), scales_zeros, n, other))  # the same bits
+
+
+@needs_kernels
+def test_int8_rows_take_bfloat16_activations_and_scales_as_their_float32_values():
+    qweight, scale = _layer(256, 512, torch.bfloat16)
+    x = torch.randn(2, 512).bfloat16()
+    assert torch.equal(native.int8_rows(x, qweight, scale), native.int8_rows(x.float(), qweight, scale.float()))
+
+
+@needs_kernels
+def test_the_avx2_kernels_agree_with_the_ones_in_use(tmp_path):
+    """LFM2VL_NATIVE=avx2 keeps to the AVX2 kernels (on a VNNI CPU: other kernels, the same numbers)."""
+    code = ("import sys, torch; from lfm2vl import native; from lfm2vl.quant import quantize_weight; "
+            "from lfm2vl.quant.int4 import Int4Linear, int4_block; g = torch.Generator().manual_seed(0); "
+            "w = torch.randn(640, 1024, generator=g) * 0.05; qw, s = quantize_weight(w); "
+            "q4 = Int4Linear.from_weight(w, None, torch.float32); x = torch.randn(3, 1024, generator=g); "
+            "print(native.isa()); torch.save((native.int8_rows(x, qw, s), "
+            "native.int4_rows(x, q4.qweight, q4.scales_zeros, 640, int4_block())), sys.argv[1])")
+    isas, ys = {}, {}
+    for setting in ("1", "avx2"):
+        out = tmp_path / f"{setting}.pt"
+        done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "LFM2VL_NATIVE": setting})
+        assert done.returncode == 0, done.stderr
+        isas[setting], ys[setting] = done.stdout.strip(), torch.load(out)
+    assert isas == {"1": native.isa(), "avx2": "AVX2"}
+    (int8, int4), (int8_avx2, int4_avx2) = ys["1"], ys["avx2"]
+    assert torch.allclose(int8_avx2, int8, rtol=0, atol=1e-5 * int8.abs().max().item())  # float32 sums, another order
+    assert torch.equal(int4_avx2, int4)  # the same float32 steps in the same order
 
 
 @needs_int4
@@ -153,7 +211,7 @@ def test_int4_layers_take_the_kernel_for_decode_rows_only():
     q = Int4Linear.from_weight(linear.weight, linear.bias, torch.bfloat16)
     x = torch.randn(2, 1, 256).bfloat16()
     with torch.inference_mode():
-        kernel = native.int4_rows(x.reshape(2, 256), q.qweight, q.scales_zeros, 320).bfloat16() + q.bias
+        kernel = native.int4_rows(x.reshape(2, 256), q.qweight, q.scales_zeros, 320, int4_block()).bfloat16() + q.bias
         assert torch.equal(q(x).reshape(2, 320), kernel)  # two sequences decoding a token each
         prompt = x.reshape(1, 2, 256)  # the same rows as a 2-token prompt chunk: torch's kernel, bf16 activations
         torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(prompt[0], q.qweight, 32, q.scales_zeros) + q.bias

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lfm2vl
 from lfm2vl.quant import (INT4_GROUP, INT4_KERNEL_ROWS, SMALL_ROWS, Int4Linear, Int8Linear, int4_available,
-                          int8_matmul_available)
+                          int8_matmul_available, int8_matmul_exact)
 
 ROOT = __import__("pathlib").Path(__file__).parent.parent
 
@@ -32,9 +32,19 @@ def test_int8_linear_is_the_dequantized_layer(rows, dtype):
         assert ((dequantized - linear.weight).abs() <= q.scale[:, None] / 2 + 1e-7).all()
 
 
-@pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no CPU int8 x int8 matmul")
+@pytest.fixture
+def int8_products(monkeypatch):
+    """Prompt rows multiply int8 x int8 wherever torch._int_mm is exact, fast here or not (the tests
+    check what it computes, not its speed)."""
+    from lfm2vl import quant
+
+    if not int8_matmul_exact():
+        pytest.skip("this torch has no exact CPU int8 x int8 matmul")
+    monkeypatch.setattr(quant, "int8_matmul_available", lambda: True)
+
+
 @pytest.mark.parametrize("shape", [(1, 200, 96), (3, 9, 96), (300, 96)])  # prompt chunks, and the vision tower's 2-D rows
-def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape):
+def test_int8_prompt_rows_are_int8_by_int8_with_one_scale_per_row(shape, int8_products):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 160)
     q = Int8Linear.from_linear(linear, torch.float32)
@@ -60,7 +70,7 @@ def test_long_bf16_prompt_chunks_widen_on_amx_cpus_and_multiply_int8_elsewhere(a
     activations there; shorter chunks, float32 rows and other CPUs stay int8 x int8."""
     from lfm2vl import quant
 
-    if not int8_matmul_available():
+    if not int8_matmul_exact():
         pytest.skip("this torch has no exact CPU int8 x int8 matmul: every CPU widens")
     flags = frozenset({"avx512_vnni", "avx512_bf16"} | ({"amx_bf16", "amx_int8", "amx_tile"} if amx else set()))
     monkeypatch.setattr(quant, "cpu_flags", lambda: flags)
@@ -84,7 +94,7 @@ def test_long_bf16_prompt_chunks_widen_on_amx_cpus_and_multiply_int8_elsewhere(a
 
 
 def test_a_short_prompt_chunk_never_takes_the_decode_gemv(monkeypatch):
-    """Where prompt rows widen (no exact int8 matmul), a chunk of a few prompt rows widens too: the
+    """Where prompt rows widen (no fast exact int8 matmul), a chunk of a few prompt rows widens too: the
     kernel follows the kind of row, not how many; decode rows keep theirs (lfm2vl's kernel, or torch's
     GEMV where it is not built)."""
     from lfm2vl import native, quant
@@ -123,6 +133,17 @@ def test_quantized_layers_take_the_activation_into_their_matmul(scheme, rows):
             assert fused.shape == separate.shape == (1, rows, 192) and fused.dtype == separate.dtype
             tol = 1e-5 if dtype == torch.float32 and scheme == "int8" and rows > SMALL_ROWS else 2e-2
             torch.testing.assert_close(fused.float(), separate.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("flags,fast", [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512bw"}, False),
+                                         ({"avx2", "avx_vnni"}, True), ({"avx512_vnni"}, True), ({"amx_int8"}, True)])
+def test_int8_matmul_is_used_only_where_the_cpu_multiplies_int8(flags, fast, monkeypatch):
+    """torch._int_mm can be exact and still 70x slower than the float32 GEMM (2-core AVX2 EPYC, torch
+    2.13): without VNNI or AMX, prompt and image rows widen their weights instead."""
+    from lfm2vl import quant
+
+    monkeypatch.setattr(quant, "cpu_flags", lambda: frozenset(flags))
+    assert int8_matmul_available() == (fast and int8_matmul_exact())
 
 
 def test_int8_matmul_is_used_only_where_it_is_exact():
@@ -241,8 +262,7 @@ def test_a_quantized_checkpoint_loads_straight_into_place(tmp_path, scheme, max_
         assert all(m.scales_zeros.dtype == torch.bfloat16 for m in wide.module.modules() if isinstance(m, Int4Linear))
 
 
-@pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no CPU int8 x int8 matmul")
-def test_int8_prompt_rows_in_float16_do_not_overflow():
+def test_int8_prompt_rows_in_float16_do_not_overflow(int8_products):
     """The int32 sums (up to 127 * 127 * in) exceed float16's range: they are scaled in float32 first."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128)

@@ -29,16 +29,16 @@ def kernels(model: Any) -> dict[str, Any]:
         if model.quantization is not None:
             dtype = str(model.dtype).removeprefix("torch.")
             if not int8_matmul_available():
-                out["int8_prompt_rows"] = f"widened to {dtype} (no exact int8 matmul here)"
+                out["int8_prompt_rows"] = f"widened to {dtype} (no fast exact int8 matmul here: no VNNI or AMX)"
             elif int8_prompt_products(model.dtype, AMX_WIDEN_ROWS):  # only long chunks may widen
                 out["int8_prompt_rows"] = "int8 x int8"
             else:
                 out["int8_prompt_rows"] = f"int8 x int8 below {AMX_WIDEN_ROWS} rows, widened to {dtype} from {AMX_WIDEN_ROWS}"
-            why_not = native.why_not()
-            out["int8_decode_rows"] = "lfm2vl native int8 x int8" if why_not is None else f"torch GEMV ({why_not})"
+            isa = native.isa()
+            out["int8_decode_rows"] = f"lfm2vl native int8 x int8 ({isa})" if isa else f"torch GEMV ({native.why_not()})"
             if model.quantization == "int4":
-                native_int4 = native.library() is not None and int4_block() == native.INT4_BLOCK_ROWS
-                out["int4_decode_rows"] = "lfm2vl native int4 x int8" if native_int4 else "torch int4 kernel"
+                native_int4 = isa is not None and int4_block() in native.INT4_BLOCKS
+                out["int4_decode_rows"] = f"lfm2vl native int4 x int8 ({isa})" if native_int4 else "torch int4 kernel"
     return out
 
 

@@ -1,12 +1,13 @@
 """lfm2vl's own CPU kernels for decode rows of quantized layers (kernels.c), built once per machine with
-the system C compiler and loaded with ctypes; where there is none, it fails, or the CPU lacks
-AVX512-VNNI, `library()` is None (`why_not()` says why) and the layers keep torch's kernels. Why, and
-what they compute: kernels.c.
+the system C compiler and loaded with ctypes: AVX512-VNNI ones where the CPU has it, AVX2 + FMA ones
+elsewhere on x86. Where there is no compiler, the build fails, or the CPU has neither, `library()` is
+None (`why_not()` says why) and the layers keep torch's kernels. Why, and what they compute: kernels.c.
 
 The library is built with -march=native for this CPU and cached in ~/.cache/lfm2vl/native/
 (`$LFM2VL_CACHE` moves it) under a hash of the source, the compiler, its flags and the CPU's flags,
-so another machine sharing the home folder builds its own. LFM2VL_NATIVE=0 turns the kernels off;
-$CC names the compiler (else cc, gcc or clang, the first found).
+so another machine sharing the home folder builds its own. LFM2VL_NATIVE=0 turns the kernels off and
+LFM2VL_NATIVE=avx2 keeps to the AVX2 ones on a VNNI CPU (to compare them); $CC names the compiler
+(else cc, gcc or clang, the first found).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from ..cpu import cpu_flags
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-SIGNATURES = {
-    "int8_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int],
-    "int4_rows": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int],
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+SIGNATURES = {  # name: (argument types, result type)
+    "int8_rows": ([_PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _INT], _INT),
+    "int4_rows": ([_PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
 }
+ISAS = {2: "AVX512-VNNI", 1: "AVX2"}  # kernels.c's kernels_isa()
+INT4_BLOCKS = (32, 64)  # the int4 packings int4_rows reads: torch's AVX2 and AVX-512 ones (lfm2vl/quant/int4.py)
 _why_not: list[str] = []  # why library() is None, once it has been asked
 
 
@@ -79,7 +82,8 @@ def _build(cc: str) -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (then `why_not()` says why). Built on the first call of a process
     that finds no cached build (under a second for this one file)."""
-    if os.environ.get("LFM2VL_NATIVE", "1") == "0":
+    setting = os.environ.get("LFM2VL_NATIVE", "1")
+    if setting == "0":
         _why_not.append("turned off (LFM2VL_NATIVE=0)")
         return None
     cc = _compiler()
@@ -91,13 +95,14 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why_not.append(f"could not build lfm2vl/native/kernels.c: {e}")
         return None
-    lib.kernels_available.restype = ctypes.c_int
-    if not lib.kernels_available():
-        _why_not.append("this CPU has no AVX512-VNNI (the kernels are written for it)")
+    lib.kernels_isa.restype = ctypes.c_int
+    lib.isa = min(lib.kernels_isa(), 1 if setting == "avx2" else 2)
+    if lib.isa == 0:
+        _why_not.append("this CPU has neither AVX2 with FMA nor AVX512-VNNI (the kernels are written for those)")
         return None
-    for name, args in SIGNATURES.items():
+    for name, (args, result) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, result
     return lib
 
 
@@ -106,43 +111,54 @@ def why_not() -> str | None:
     return None if library() is not None else _why_not[-1]
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def isa() -> str | None:
+    """The instruction set of the kernels in use ("AVX512-VNNI", "AVX2"), or None where they are not."""
+    lib = library()
+    return None if lib is None else ISAS[lib.isa]
+
+
+def _input(x2: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x2 as the kernels read it: float32 or bfloat16 (flag 1), contiguous."""
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    return x2.contiguous(), int(x2.dtype == torch.bfloat16)
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("lfm2vl/native: no memory for a decode kernel's scratch")
 
 
 def int8_rows(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x2 (M, in) @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) float32, the activations
-    rounded to int8 per group of 32 (kernels.c), at the memory's speed for a few rows. None where
-    the kernels are not built or the layer is not one they take (in % 32; the caller takes torch's)."""
+    """x2 (M, in) @ (qweight (out, in) int8 * scale (out,) float32 or bfloat16)^T -> (M, out) float32,
+    the activations rounded to int8 per group of 32 (kernels.c), at the memory's speed for a few rows.
+    None where the kernels are not built or the layer is not one they take (in % 32; the caller takes
+    torch's)."""
     lib = library()
     if lib is None or x2.device.type != "cpu" or x2.shape[1] % 32:
         return None
-    x2, qweight, scale = x2.to(torch.float32).contiguous(), qweight.contiguous(), scale.to(torch.float32).contiguous()
+    x2, x_bf16 = _input(x2)
+    if scale.dtype != torch.bfloat16:
+        scale = scale.float()
     (m, k), n = x2.shape, qweight.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    xq = torch.empty(m, k, dtype=torch.int8)
-    xs, xs16 = torch.empty(m, k // 32), torch.empty(m, k // 4)
-    lib.int8_rows(_ptr(x2), _ptr(qweight), _ptr(scale), _ptr(y), m, n, k, _ptr(xq), _ptr(xs), _ptr(xs16),
-                  torch.get_num_threads())
+    _check(lib.int8_rows(x2.data_ptr(), x_bf16, qweight.contiguous().data_ptr(), scale.contiguous().data_ptr(),
+                         int(scale.dtype == torch.bfloat16), y.data_ptr(), m, n, k, torch.get_num_threads(), lib.isa))
     return y
 
 
-INT4_BLOCK_ROWS = 64  # the packing int4_rows reads: torch's AVX-512 one (lfm2vl/quant/int4.py)
-
-
-def int4_rows(x2: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, out_features: int) -> torch.Tensor | None:
-    """x2 (M, in) @ W^T -> (M, out) float32 for an int4 weight in torch's AVX-512 packing (qweight
-    (out, in / 2) uint8, scales_zeros (in / 32, out, 2) bf16), the activations rounded to int8 per
-    group of 32 (kernels.c). None where the kernel is not built (the caller takes torch's)."""
+def int4_rows(x2: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, out_features: int,
+              block: int) -> torch.Tensor | None:
+    """x2 (M, in) @ W^T -> (M, out) float32 for an int4 weight in torch's CPU packing of `block` rows
+    (INT4_BLOCKS; qweight (out, in / 2) uint8, scales_zeros (in / 32, out, 2) bf16), the activations
+    rounded to int8 per group of 32 (kernels.c). None where the kernels are not built or do not read
+    that packing (the caller takes torch's)."""
     lib = library()
-    if lib is None or x2.device.type != "cpu" or scales_zeros.dtype != torch.bfloat16:
+    if lib is None or x2.device.type != "cpu" or scales_zeros.dtype != torch.bfloat16 or block not in INT4_BLOCKS:
         return None
-    x2 = x2.to(torch.float32).contiguous()
-    (m, k), groups = x2.shape, x2.shape[1] // 32
+    x2, x_bf16 = _input(x2)
+    m, k = x2.shape
     y = torch.empty(m, out_features, dtype=torch.float32)
-    xq = torch.empty(m, k, dtype=torch.int8)
-    xs, xsum = torch.empty(m, groups), torch.empty(m, groups)
-    lib.int4_rows(_ptr(x2), _ptr(qweight), _ptr(scales_zeros.contiguous()), _ptr(y), m, out_features, k,
-                  _ptr(xq), _ptr(xs), _ptr(xsum), torch.get_num_threads())
+    _check(lib.int4_rows(x2.data_ptr(), x_bf16, qweight.contiguous().data_ptr(), scales_zeros.contiguous().data_ptr(),
+                         y.data_ptr(), m, out_features, k, block, torch.get_num_threads(), lib.isa))
     return y
-

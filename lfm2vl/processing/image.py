@@ -21,7 +21,6 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

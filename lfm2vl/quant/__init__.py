@@ -9,12 +9,13 @@ than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbo
   row's activations are quantized to int8 with a scale of their own and multiplied exactly in int32
   by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
 - decode rows, up to SMALL_ROWS of them: lfm2vl's own kernel (lfm2vl/native: activations rounded to
-  int8 per group of 32, exact int32 sums; at the memory's speed, 2x torch's GEMV on a 2-core EPYC)
-  where a C compiler built it for a CPU with AVX512-VNNI, else torch's int8 weight-only GEMV
+  int8 per group of 32, exact int32 sums; at the memory's speed, 2x torch's GEMV on a 2-core AVX-512
+  EPYC)
+  where a C compiler built it for a CPU with AVX512-VNNI or AVX2, else torch's int8 weight-only GEMV
   (`_weight_int8pack_mm`; activations in bf16 whatever the compute dtype, its float32 path is not
   vectorized: 1.8 against 9.7-12 G weights/s);
-- more decode rows, prompt rows where torch's CPU int8 matmul is missing or inexact (no
-  AVX512-VNNI: `int8_matmul_available`; however few), and chunks of AMX_WIDEN_ROWS or more bf16
+- more decode rows, prompt rows where torch's CPU int8 matmul is missing, inexact or slow (no VNNI
+  or AMX: `int8_matmul_available`; however few), and chunks of AMX_WIDEN_ROWS or more bf16
   prompt rows on CPUs with AMX-BF16 (faster there: `int8_prompt_products`): the int8 weight times
   its scale is widened to the compute dtype a block of rows at a time and multiplied there
   (`widened_linear`), which may round a row differently at some row counts (oneDNN's bf16 matmul).
@@ -46,12 +47,18 @@ KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's i
 DYNAMIC_BLOCK_BYTES = 8 * 2**20  # int8 x int8 products held at once (a block of rows)
 
 
-@functools.cache
-def int8_matmul_available() -> bool:
-    """Whether this torch multiplies int8 x int8 -> int32 on this CPU (torch._int_mm), exactly.
+# x86 flags under which oneDNN multiplies int8 x int8 in hardware (VNNI, AMX). Elsewhere torch._int_mm
+# may still be exact, but slow: on a 2-core AVX2 EPYC (torch 2.13) 1.9 GFLOP/s against 130 for the
+# float32 GEMM, which made the 450M's int8 vision tower take 205 s instead of 4 (docs/performance.md).
+INT8_MATMUL_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
-    Without AVX512-VNNI (AVX2 CPUs, the first AVX-512 ones) oneDNN's int8 kernels sum pairs of
-    products in int16 with saturation, so large activations and weights come out wrong (measured with
+
+@functools.cache
+def int8_matmul_exact() -> bool:
+    """Whether this torch multiplies int8 x int8 -> int32 on this CPU (torch._int_mm) exactly.
+
+    oneDNN's int8 kernels for CPUs without VNNI (AVX2, the first AVX-512 ones) sum pairs of products
+    in int16 with saturation, so large activations and weights come out wrong (measured with
     ONEDNN_MAX_CPU_ISA=AVX2 and =AVX512_CORE): the probe multiplies 127s, whose pairs overflow int16,
     and random values, and compares with exact integer sums."""
     try:
@@ -64,6 +71,13 @@ def int8_matmul_available() -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def int8_matmul_available() -> bool:
+    """Whether prompt and image rows multiply int8 x int8 here: torch._int_mm is exact on this CPU and
+    the CPU multiplies int8 in hardware (INT8_MATMUL_FLAGS). Elsewhere int8 layers widen their weights
+    for those rows (as fast as the compute dtype's GEMM; the weights still stream as int8)."""
+    return bool(cpu_flags() & INT8_MATMUL_FLAGS) and int8_matmul_exact()
 
 
 AMX_WIDEN_ROWS = 512  # bf16 prompt rows on AMX: int8 x int8 below, widened from here (crossover 300-500+)

@@ -2,8 +2,8 @@
 zero) pair per group of INT4_GROUP input weights (torch's convention: w = (q - 8) * scale + zero);
 the vision tower and projector stay int8 (they only run many rows, where int4 buys nothing). Decode
 reads half the int8 bytes. Decode rows (up to SMALL_ROWS) take lfm2vl's kernel where it is built for
-this CPU (lfm2vl/native: AVX512-VNNI, activations rounded to int8 per group of 32, 55-67 G weights/s
-against 32-35 for torch's on a 2-core EPYC); other rows up to INT4_KERNEL_ROWS, and decode rows
+this CPU (lfm2vl/native: AVX512-VNNI or AVX2, activations rounded to int8 per group of 32, 55-67 G
+weights/s against 32-35 for torch's on a 2-core AVX-512 EPYC); other rows up to INT4_KERNEL_ROWS, and decode rows
 elsewhere, torch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations). Above those rows the weight
 is unpacked to bfloat16 (float32 where the compute dtype is: a bf16 GEMM is emulated there, and the
 450M's int4 prefill took 21.4 s with it). torch packs int4 weights 64 output rows to a block with
@@ -148,9 +148,9 @@ class Int4Linear(_QuantizedLinear):
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         out_dtype = x.dtype if self.bias is None else self.bias.dtype
         y = None
-        if not prompt_rows(x) and x2.shape[0] <= SMALL_ROWS and int4_block() == native.INT4_BLOCK_ROWS:
+        if not prompt_rows(x) and x2.shape[0] <= SMALL_ROWS:
             # decode rows: lfm2vl's kernel, activations rounded to int8 per group of 32 (None: not built here)
-            y = native.int4_rows(x2, self.qweight, self.scales_zeros, self.out_features)
+            y = native.int4_rows(x2, self.qweight, self.scales_zeros, self.out_features, int4_block())
         if y is None and x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
