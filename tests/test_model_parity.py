@@ -177,3 +177,23 @@ def test_logits_across_devices_and_dtypes(pair, device, dtype):
     assert diff <= HALF_TOL * spread, f"{device} {dtype}: max |diff| {diff:.3g} vs logit spread {spread:.3g}"
     agreement = (got.argmax(-1) == expected.argmax(-1))[mask].float().mean().item()
     assert agreement >= HALF_AGREEMENT, f"{device} {dtype}: top-1 agreement {agreement:.3f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_has_the_reference_bits(dtype):
+    """Our RMSNorm takes torch's rms_norm for float32 (one call, not five: decode steps run 45 of them):
+    the same bits as the reference's norm, for a decode row, a prompt and the per-head q/k norms."""
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2RMSNorm
+
+    from lfm2vl.model.text import RMSNorm
+
+    torch.manual_seed(0)
+    for dim, shape in ((1024, (1, 1, 1024)), (1024, (2, 300, 1024)), (64, (1, 16, 1, 64)), (48, (3, 7, 48))):
+        ours, ref = RMSNorm(dim, 1e-5), Lfm2RMSNorm(dim, eps=1e-5)
+        weight = torch.randn(dim)
+        with torch.no_grad():
+            ours.weight.copy_(weight), ref.weight.copy_(weight)
+        ours, ref = ours.to(dtype), ref.to(dtype)
+        x = (torch.randn(shape) * 3).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(ours(x), ref(x)), (dim, shape)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TextConfig
+from .cast import cast
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -181,8 +182,8 @@ class CacheView:
         kt, vc = self.cache.kt[layer], self.cache.v[layer]
         rows = self.index[:, None]  # (B, 1) broadcast against positions (B, T)
         # advanced indices at dims 0 and 3 (K^T) or 0 and 2 (V) put (B, T) first: values are (B, T, Hkv, Dh)
-        kt[rows, :, :, self.positions] = k.transpose(1, 2).to(kt.dtype)
-        vc[rows, :, self.positions] = v.transpose(1, 2).to(vc.dtype)
+        kt[rows, :, :, self.positions] = cast(k.transpose(1, 2), kt.dtype)
+        vc[rows, :, self.positions] = cast(v.transpose(1, 2), vc.dtype)
         if self.block is not None:
             return kt[self.block, ..., : self.kv_len], vc[self.block, :, : self.kv_len]
         return kt[..., : self.kv_len].index_select(0, self.index), vc[:, :, : self.kv_len].index_select(0, self.index)

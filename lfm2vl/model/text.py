@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .cache import CacheView, rope_cos_sin
+from .cast import cast
 from .embedding import embedding
 from .linear import Linear, apply, apply_mul
 
@@ -32,6 +33,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same operations in one call (torch's composite rms_norm, the same bits): half the
+            # time of the five below for a decode row, 45 norms a 450M step
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # float32 statistics, cast back before the weight multiply (as the reference does)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,11 +59,11 @@ def one_query_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, mask
     """
     b, h, _, dh = q.shape
     hkv = kt.shape[1]
-    qg = (q.reshape(b, hkv, h // hkv, dh) * dh**-0.5).to(kt.dtype)  # (B, Hkv, G, Dh), in the cache's dtype
+    qg = cast(q.reshape(b, hkv, h // hkv, dh) * dh**-0.5, kt.dtype)  # (B, Hkv, G, Dh), in the cache's dtype
     scores = torch.matmul(qg, kt).float()  # (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v).reshape(b, h, 1, dh).to(q.dtype)
+    return cast(torch.matmul(cast(scores.softmax(-1), v.dtype), v).reshape(b, h, 1, dh), q.dtype)
 
 
 class Attention(nn.Module):
@@ -118,7 +123,7 @@ class ShortConv(nn.Module):
             state = ctx.cache.conv_state(self.layer_idx)  # (B, D, K-1): the last K-1 values of B*x
         else:
             state = v.new_zeros(b, d, self.kernel - 1)
-        full = torch.cat([state.to(v.dtype), v], dim=-1)  # (B, D, K-1+T)
+        full = torch.cat([cast(state, v.dtype), v], dim=-1)  # (B, D, K-1+T)
         if ctx.cache is not None:
             ctx.cache.set_conv_state(self.layer_idx, full)
         if t == 1:  # decode: one output per channel, a K-tap dot product (5x faster than conv1d here)

@@ -105,6 +105,10 @@ static void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int
 /* ---- int8 decode rows: w (n, k) int8, one float32 scale a row (lfm2vl/quant) ----
  * AVX2: one group of 32 a vector; |w| (u8) x (xq with w's sign) by vpmaddubsw, pairs to int32 by
  * vpmaddwd, then that group's scale (xs16: 8 copies) in float32, two accumulators. */
+/* How far ahead of its reads a decode kernel asks for weights: the hardware's own prefetching leaves
+ * the AVX2 kernels 10-20% slower on a 2-core AVX2 EPYC. */
+#define PREFETCH_BYTES 1024
+
 /* the 8 int32 sums of group g's 32 products of weight row w and activations a, as float32 */
 static inline __m256 group_sums(const int8_t *w, const int8_t *a, int64_t g, __m256i ones) {
     __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * 32));
@@ -126,6 +130,7 @@ static void int8_rows_avx2(const int8_t *xq, const float *xs16, const int8_t *w,
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
             int64_t g = 0;
             for (; g + 2 <= groups; g += 2) {
+                _mm_prefetch((const char *)(wr + g * 32 + PREFETCH_BYTES), _MM_HINT_T0);
                 acc0 = _mm256_fmadd_ps(group_sums(wr, a, g, ones), _mm256_loadu_ps(sc + g * 8), acc0);
                 acc1 = _mm256_fmadd_ps(group_sums(wr, a, g + 1, ones), _mm256_loadu_ps(sc + g * 8 + 8), acc1);
             }
@@ -177,6 +182,7 @@ static void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum,
                 for (int i = 0; i < 4; i++) s16[i] = _mm256_setzero_si256();
                 for (int64_t kk = g * 32; kk < g * 32 + 32; kk += 4) {
                     const uint8_t *p = blk + kk * stride;
+                    _mm_prefetch((const char *)(p + PREFETCH_BYTES), _MM_HINT_T0);
                     __m256i lo, hi;
                     if (stride == 16) { /* rows kk and kk + 1 lie side by side */
                         lo = _mm256_loadu_si256((const __m256i *)p);

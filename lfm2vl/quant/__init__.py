@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import native
 from ..cpu import cpu_flags
+from ..model.cast import cast
 from ..model.linear import activate
 
 # this package's public face: the loader (weights.py), the CLI, the bench and the tests import from here
@@ -175,7 +176,7 @@ class Int8Linear(_QuantizedLinear):
         """act(x W^T + b), x (..., in) -> (..., out); act one of model/linear.py's ACTIVATIONS (fused
         into the matmul where the weight is widened)."""
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (M, in)
+        x2 = cast(x.reshape(-1, self.in_features), self.scale.dtype)  # (M, in)
         cpu, prompt, few = x2.device.type == "cpu", prompt_rows(x), x2.shape[0] <= SMALL_ROWS
         y = None
         if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
@@ -185,7 +186,7 @@ class Int8Linear(_QuantizedLinear):
             if y is None:  # torch's GEMV: bf16 activations whatever the compute dtype (its float32 path is slow)
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                        self.scale.to(torch.bfloat16))
-            y = y.to(x2.dtype)  # (M, out)
+            y = cast(y, x2.dtype)  # (M, out)
         if y is None:  # the scale goes into the widened rows, so that bias and activation fuse into the matmul
             def widen(i: int, j: int) -> torch.Tensor:
                 return self.qweight[i:j].to(x2.dtype).mul_(self.scale[i:j, None])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import native
+from ..model.cast import cast
 from ..model.linear import activate
 from .common import SMALL_ROWS, _QuantizedLinear, prompt_rows, widened_linear
 
@@ -155,7 +156,7 @@ class Int4Linear(_QuantizedLinear):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
         if y is not None:
-            y = y.to(out_dtype)
+            y = cast(y, out_dtype)
             if self.bias is not None:
                 y = y + self.bias
             y = activate(y, act)
@@ -187,7 +188,7 @@ class Int4TiedEmbedding(nn.Module):
         self.register_buffer("dtype_of_output", torch.empty(0, dtype=dtype), persistent=False)  # follows .to()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head.rows(ids).to(self.dtype_of_output.dtype)  # (..., D)
+        return cast(self.head.rows(ids), self.dtype_of_output.dtype)  # (..., D)
 
 
 def add_int4_head(module: nn.Module, dtype: torch.dtype) -> None:
