@@ -7,7 +7,8 @@ rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scal
 lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`) and int4 (lfm2vl's Int4Linear:
 torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot
 in cache; then the rate at which decode can stream weights from memory (50 different weights,
-cold; int8, int4 weight-only, bf16 and fp32): the bound on decode speed, since every token reads every weight once. Last, one decode
+cold; int8, int4 weight-only, bf16 and fp32, and lfm2vl's own int8 and int4 decode kernels where
+they are built): the bound on decode speed, since every token reads every weight once. Last, one decode
 step of attention (one query, 16 heads over 8 KV heads, 1,400 keys) in bf16: SDPA against
 lfm2vl's `one_query_attention`, and one conv-layer tap: conv1d against the dot product.
 
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_engine import cpu_flags  # noqa: E402
 
+from lfm2vl import native  # noqa: E402
 from lfm2vl.model.linear import linear as onednn_linear  # noqa: E402
-from lfm2vl.quant import INT4_GROUP, Int4Linear, int8_dynamic_linear, widened_linear  # noqa: E402
+from lfm2vl.quant import INT4_GROUP, Int4Linear, int4_block, int8_dynamic_linear, widened_linear  # noqa: E402
 
 K, N = 1024, 6656
 
@@ -76,6 +78,16 @@ def hot() -> dict[int, dict[str, float]]:
     return out
 
 
+def native_rates(x, w8, s8, w4, sz, layers: int) -> list:
+    """lfm2vl's own decode kernels (lfm2vl/native) on the same weights, where they are built here."""
+    if native.library() is None:
+        print(f"lfm2vl native kernels: not built ({native.why_not()})")
+        return []
+    block = int4_block()
+    return [(f"lfm2vl_int8_{native.isa()}", lambda: [native.int8_rows(x, w, s) for w, s in zip(w8, s8)], layers),
+            (f"lfm2vl_int4_{native.isa()}", lambda: [native.int4_rows(x, w, sz, N, block) for w in w4], layers)]
+
+
 def cold(layers: int = 50) -> dict[str, float]:
     """G weights/s streaming `layers` different weights once each (nothing stays in cache)."""
     x = torch.randn(1, K).bfloat16()
@@ -95,6 +107,7 @@ def cold(layers: int = 50) -> dict[str, float]:
             ("bf16", lambda: [F.linear(x, w) for w in wb], layers // 2),
             ("fp32", lambda: [F.linear(x.float(), w) for w in wf], layers // 4),
             ("fp32_onednn", lambda: [onednn_linear(x.float(), w) for w in wf], layers // 4),
+            *native_rates(x, w8, s8, w4, sz, layers),
         ):
             best = min(timed(run, 1) for _ in range(3)) / 1e3
             rates[name] = count * N * K / best / 1e9

@@ -12,7 +12,7 @@ from lfm2vl.model import linear as L
 @pytest.fixture(params=["oneDNN", "MKL"])
 def float32_kernel(request, monkeypatch):
     """Both float32 paths on any CPU: oneDNN (AMD CPUs take it) and MKL (Intel CPUs keep it)."""
-    monkeypatch.setattr(L, "mkl_faster", lambda: request.param == "MKL")
+    monkeypatch.setattr(L, "mkl_rows", lambda: 0 if request.param == "MKL" else None)
     return request.param
 
 
@@ -106,22 +106,30 @@ def test_bfloat16_applies_the_activation_to_the_float32_accumulator(act):
 
 
 @pytest.mark.skipif(not L.onednn_float32(), reason="this torch has no oneDNN float32 linear")
-@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
-def test_float32_keeps_mkl_on_intel_cpus_and_takes_onednn_elsewhere(vendor, monkeypatch):
-    """MKL is at its best on Intel CPUs and runs AVX2 code on AMD ones: each path is checked bit for bit
-    against the op it should call, for decode rows, prompt rows and the vision tower's 2-D rows."""
+@pytest.mark.parametrize("vendor,flags", [("GenuineIntel", {"avx2", "avx512f"}), ("AuthenticAMD", {"avx2", "avx512f"}),
+                                          ("AuthenticAMD", {"avx2", "fma"})])
+def test_float32_takes_mkl_or_onednn_by_cpu_and_rows(vendor, flags, monkeypatch):
+    """MKL is at its best on Intel CPUs and runs AVX2 code on AMD ones: oneDNN there, but where the CPU
+    has AVX2 only MKL's GEMM wins from MKL_ROWS_AVX2 rows. Each path is checked bit for bit against
+    the op it should call, for decode rows, prompt rows and the vision tower's 2-D rows."""
     monkeypatch.setattr(L, "cpu_vendor", lambda: vendor)
-    L.mkl_faster.cache_clear()
+    monkeypatch.setattr(L, "cpu_flags", lambda: frozenset(flags))
+    L.mkl_rows.cache_clear()
     try:
         torch.manual_seed(0)
         w = torch.randn(512, 1024) / 32
         attr, algorithm = L._ONEDNN_ACT["silu"]
+        many = L.MKL_ROWS_AVX2
         with torch.inference_mode():
-            for x in (torch.randn(3, 1, 1024), torch.randn(1, 7, 1024), torch.randn(7, 1024)):
+            for x in (torch.randn(3, 1, 1024), torch.randn(1, 7, 1024), torch.randn(7, 1024),
+                      torch.randn(1, many - 1, 1024), torch.randn(1, many, 1024), torch.randn(many + 5, 1024)):
                 onednn = torch.ops.mkldnn._linear_pointwise(x, w, None, attr, [], algorithm)
                 mkl = F.silu(F.linear(x, w))
-                want = mkl if vendor == "GenuineIntel" else onednn
-                assert torch.equal(L.linear(x, w, None, "silu"), want), (vendor, tuple(x.shape))
+                rows = x.numel() // 1024
+                takes_mkl = vendor == "GenuineIntel" or ("avx512f" not in flags and rows >= many)
+                assert torch.equal(L.linear(x, w, None, "silu"), mkl if takes_mkl else onednn), (vendor, tuple(x.shape))
             assert not torch.equal(onednn, mkl)  # the two kernels are told apart here
+        assert L.float32_kernels() == {"GenuineIntel": "MKL"}.get(vendor, "oneDNN" if "avx512f" in flags else
+                                                                  f"oneDNN below {many} rows, MKL from {many}")
     finally:
-        L.mkl_faster.cache_clear()
+        L.mkl_rows.cache_clear()

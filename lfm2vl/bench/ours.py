@@ -19,12 +19,12 @@ def _sync(device: torch.device) -> None:
 def kernels(model: Any) -> dict[str, Any]:
     """The per-device kernel choices this run took (they differ between CPUs: compare machines by them)."""
     from .. import native
-    from ..model.linear import mkl_faster, onednn_bfloat16
+    from ..model.linear import float32_kernels, onednn_bfloat16
     from ..quant import AMX_WIDEN_ROWS, int4_block, int8_matmul_available, int8_prompt_products
 
     out: dict[str, Any] = {"vision_patches_per_call": model.engine.vision_patches}
     if model.device.type == "cpu":
-        out["float32_linear"] = "MKL" if mkl_faster() else "oneDNN"
+        out["float32_linear"] = float32_kernels()
         out["bfloat16_fused_epilogue"] = onednn_bfloat16()
         if model.quantization is not None:
             dtype = str(model.dtype).removeprefix("torch.")

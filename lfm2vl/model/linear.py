@@ -5,7 +5,8 @@ already uses for bfloat16) gives the same float32 products, summed in another or
 2-core AMD EPYC (AVX-512) it ran 1.47x faster at 1,024 rows, 2.9x for one row, and streamed cold
 weights 1.8x faster (`python benchmarks/bench_kernels.py`, docs/performance.md): MKL runs its AVX2
 code on AMD CPUs. On Intel CPUs MKL is at its best and as fast or faster, fused activations
-included, so there float32 layers keep F.linear (`mkl_faster`). oneDNN also applies GELU / SiLU to
+included, so there float32 layers keep F.linear; on CPUs with AVX2 only, MKL's GEMM wins from a few
+hundred rows and oneDNN below (`mkl_rows`). oneDNN also applies GELU / SiLU to
 the accumulator before writing it out (the activation costs a pass over memory otherwise: 9% of
 the vision tower's time in float32).
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cpu import cpu_vendor
+from ..cpu import cpu_flags, cpu_vendor
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
 # oneDNN's post-op names (torch.ops.mkldnn._linear_pointwise's attr and algorithm)
@@ -69,18 +70,35 @@ def _fast(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *others)):
         return False
     if x.dtype == torch.float32:
-        return ONEDNN_FLOAT32 and onednn_float32() and not mkl_faster()
+        rows = mkl_rows()
+        return ONEDNN_FLOAT32 and onednn_float32() and (rows is None or x.numel() < rows * x.shape[-1])
     return x.dtype == torch.bfloat16 and onednn_bfloat16()
 
 
+MKL_ROWS_AVX2 = 384  # float32 rows from which MKL's AVX2 GEMM beats oneDNN's (AMD CPUs without AVX-512)
+
+
 @functools.cache
-def mkl_faster() -> bool:
-    """Whether float32 layers keep MKL's F.linear: on Intel CPUs, where MKL runs its best code (2-core
-    Xeon with AMX, the 450M in fp32: a decode step 57.5 ms with MKL against 64.5 ms with oneDNN, a
-    1,300-token prefill 2.70-2.91 s against 2.76-2.99 s with oneDNN and its fused SiLU, the vision
-    tower even; docs/performance.md). On AMD CPUs MKL runs its AVX2 code and oneDNN's kernels are
-    1.5-2.8x faster."""
-    return cpu_vendor() == "GenuineIntel"
+def mkl_rows() -> int | None:
+    """From how many rows a float32 layer keeps MKL's F.linear: 0 (always) on Intel CPUs, where MKL
+    runs its best code (2-core Xeon with AMX, the 450M in fp32: a decode step 57.5 ms with MKL against
+    64.5 ms with oneDNN, a 1,300-token prefill 2.70-2.91 s against 2.76-2.99 s with oneDNN and its
+    fused SiLU, the vision tower even); None (never) on AMD CPUs with AVX-512, where MKL runs its
+    AVX2 code and oneDNN's kernels are 1.5-2.8x faster; MKL_ROWS_AVX2 on other CPUs (AVX2 only: a
+    2-core AVX2 EPYC, interleaved A/B: the 450M's 1,300-token prefill 5.40 s with MKL against 6.43
+    with oneDNN, a 1,024-patch crop 1.47 against 1.81 s, but a decode step 84.5 against 63.2 ms; a
+    1024 -> 4608 layer crosses over between 256 and 384 rows). docs/performance.md."""
+    if cpu_vendor() == "GenuineIntel":
+        return 0
+    return None if "avx512f" in cpu_flags() else MKL_ROWS_AVX2
+
+
+def float32_kernels() -> str:
+    """Which float32 matmul this CPU's layers take, in words (the bench reports it)."""
+    rows = mkl_rows()
+    if not (ONEDNN_FLOAT32 and onednn_float32()) or rows == 0:
+        return "MKL"
+    return "oneDNN" if rows is None else f"oneDNN below {rows} rows, MKL from {rows}"
 
 
 def activate(y: torch.Tensor, act: str) -> torch.Tensor:
