@@ -248,11 +248,7 @@ static void int8_rows_vnni(const int8_t *xq, const float *xs16, const int8_t *w,
                 __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + kk));
                 __m256i av = _mm256_loadu_si256((const __m256i *)(a + kk));
                 __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(wv), _mm256_sign_epi8(av, wv));
-                __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(sc + kk / 4));
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(part), _mm256_extractf128_ps(part, 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                total += _mm_cvtss_f32(h);
+                total += hsum8(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_loadu_ps(sc + kk / 4)));
             }
             y[r * n + j] = total * w_scale[j];
         }

@@ -10,8 +10,7 @@ than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbo
   by torch._int_mm; 1.4x the bf16 GEMM at 1,024 rows (2-core EPYC, docs/performance.md);
 - decode rows, up to SMALL_ROWS of them: lfm2vl's own kernel (lfm2vl/native: activations rounded to
   int8 per group of 32, exact int32 sums; at the memory's speed, 2x torch's GEMV on a 2-core AVX-512
-  EPYC)
-  where a C compiler built it for a CPU with AVX512-VNNI or AVX2, else torch's int8 weight-only GEMV
+  EPYC) where a C compiler built it for a CPU with AVX512-VNNI or AVX2, else torch's int8 weight-only GEMV
   (`_weight_int8pack_mm`; activations in bf16 whatever the compute dtype, its float32 path is not
   vectorized: 1.8 against 9.7-12 G weights/s);
 - more decode rows, prompt rows where torch's CPU int8 matmul is missing, inexact or slow (no VNNI
@@ -50,7 +49,7 @@ DYNAMIC_BLOCK_BYTES = 8 * 2**20  # int8 x int8 products held at once (a block of
 
 # x86 flags under which oneDNN multiplies int8 x int8 in hardware (VNNI, AMX). Elsewhere torch._int_mm
 # may still be exact, but slow: on a 2-core AVX2 EPYC (torch 2.13) 1.9 GFLOP/s against 130 for the
-# float32 GEMM, which made the 450M's int8 vision tower take 205 s instead of 4 (docs/performance.md).
+# float32 GEMM, which made the 450M's int8 vision tower take 205 s where float32 takes 10.5 (docs/performance.md).
 INT8_MATMUL_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 

@@ -34,7 +34,7 @@ def int4_fits(out_features: int, in_features: int) -> bool:
     return out_features % 64 == 0 and in_features % INT4_GROUP == 0
 
 
-INT4_BLOCKS = (64, 32)  # output rows per block of torch's CPU int4 packing: AVX-512 kernels, AVX2 kernels
+INT4_BLOCKS = native.INT4_BLOCKS  # output rows per block of torch's CPU int4 packings (AVX2, AVX-512), which lfm2vl's kernels read
 
 
 @functools.cache  # a property of this torch and CPU: checked once, however many loads and CLI checks ask
