@@ -25,7 +25,7 @@ from .config import Lfm2VlConfig
 from .memory import release_freed_memory
 from .model.lfm2vl import Lfm2Vl
 from .quant import (INT4_BLOCKS, add_int4_head, int4_block, layer_kind, linear_names, quantized_tensors, repack_int4,
-                    replace_embedding, replace_linears, share_int8_head, tied_int4_head)
+                    replace_embedding, replace_linears, share_int8_head, tied_int4_head, use_native_step)
 
 # Stored prefix -> our module prefix; the first match wins, so longer prefixes come first.
 PREFIXES = (
@@ -268,6 +268,7 @@ def load_weights(
     model.load_state_dict(state, strict=True, assign=True)
     if quantize is not None:
         share_int8_head(model)
+        use_native_step(model)
     return model.eval()
 
 

@@ -101,7 +101,7 @@ def test_without_a_working_compiler_the_kernels_are_off_and_say_why(tmp_path):
     broken.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
     broken.chmod(0o755)
     out = _probe({"CC": str(broken), "LFM2VL_CACHE": str(tmp_path)})
-    assert out.startswith("False could not build lfm2vl/native/kernels.c") and "no such thing" in out
+    assert out.startswith("False could not build lfm2vl/native/") and "no such thing" in out
 
 
 @needs_kernels

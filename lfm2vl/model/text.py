@@ -13,6 +13,7 @@ SwiGLU MLP; RMSNorm everywhere (docs/architecture.md). Notable choices:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,9 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.embedding_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)  # final norm, after the last layer
         self.gradient_checkpointing = False
+        # (self, embeds, cache view) -> final hidden states, or None for the layers below: a quantized
+        # model's decode step in one C call (lfm2vl/quant/step.py sets it)
+        self.decode_step: Callable[[TextModel, torch.Tensor, CacheView], torch.Tensor | None] | None = None
 
     def forward(
         self, embeds: torch.Tensor, key_mask: torch.Tensor | None = None, cache: CacheView | None = None
@@ -208,6 +212,11 @@ class TextModel(nn.Module):
         positions count them. With a cache: T new tokens per row after that row's stored ones, no padding.
         """
         b, t, _ = embeds.shape
+        if cache is not None and t == 1 and self.decode_step is not None:
+            h = self.decode_step(self, embeds, cache)
+            if h is not None:
+                cache.advance()
+                return h
         if cache is not None:
             cos, sin = cache.rope()
             ctx = Context(cos, sin, cache.attn_mask, cache.is_causal, None, cache)

@@ -26,7 +26,8 @@ import torch
 
 from ..cpu import cpu_flags
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "step.c"))  # compiled together
+HEADERS = (Path(__file__).with_name("kernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -53,7 +54,8 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """The built library for this source, compiler and CPU: from the cache, or compiled now."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\n".join([*texts, cc, version, " ".join(FLAGS), platform.machine(),
                                     " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     try:
@@ -67,7 +69,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -93,7 +95,7 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _why_not.append(f"could not build lfm2vl/native/kernels.c: {e}")
+        _why_not.append(f"could not build lfm2vl/native/ (kernels.c, step.c): {e}")
         return None
     lib.kernels_isa.restype = ctypes.c_int
     lib.isa = min(lib.kernels_isa(), 1 if setting == "avx2" else 2)

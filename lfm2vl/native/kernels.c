@@ -21,18 +21,7 @@
  * Scratch: malloc'd a call (under 150 KB for SMALL_ROWS rows of 8,192 inputs).
  */
 
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HAVE_AVX2 1
-#endif
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define HAVE_VNNI 1
-#endif
+#include "kernels.h"
 
 /* 2: AVX512-VNNI (and AVX2) kernels; 1: AVX2 ones; 0: none (lfm2vl/native/__init__.py: ISAS). */
 int kernels_isa(void) {
@@ -47,24 +36,10 @@ int kernels_isa(void) {
 
 #ifdef HAVE_AVX2
 
-static inline float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
-static inline float hmax8(__m256 v) {
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
 /* x (m, k) float32, or bfloat16 where x_bf16 (widened exactly) -> xq (m, k) int8 rounded to nearest
  * even, xs (m, k / 32) scales max|x| / 127, xsum (m, k / 32) scale * the sum of the group's xq (if
  * not NULL). The same bits as the scalar `round(x / s)` (tests/test_native.py: _group_rounded). */
-static void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *xs, float *xsum) {
+HIDDEN void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *xs, float *xsum) {
     const int64_t groups = k / 32;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -117,7 +92,7 @@ static inline __m256 group_sums(const int8_t *w, const int8_t *a, int64_t g, __m
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
 }
 
-static void int8_rows_avx2(const int8_t *xq, const float *xs16, const int8_t *w, const float *w_scale, float *y,
+HIDDEN void int8_rows_avx2(const int8_t *xq, const float *xs16, const int8_t *w, const float *w_scale, float *y,
                            int64_t m, int64_t n, int64_t k, int threads) {
     const int64_t groups = k / 32;
     const __m256i ones = _mm256_set1_epi16(1);
@@ -159,7 +134,7 @@ static inline __m256 add_scaled_sums(__m256 acc, __m256i sums, __m256 pairs, __m
  * kk + 3) for one row a 16-bit lane, and vpmaddubsw multiplies each pair by the matching pair of
  * activations. Eight such steps (a group of 32 inputs) sum in 16 bits, then the two halves of each
  * vector add up in 32. */
-static void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
+HIDDEN void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
                            const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int64_t block,
                            int threads) {
     const int64_t groups = k / 32, stride = block / 2, halves = block / 32, tasks = n / block * halves;
@@ -224,7 +199,7 @@ static void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum,
  * y (m, n) float32 = w_scale * sum_g xs_g * sum_{k in g} xq_k w_k. vpdpbusd takes u8 x s8: |w| times
  * x with w's sign (|-128| is 128 as u8). xs16 (m, k / 4): each group's scale 8 times, the lanes its
  * products land in. */
-static void int8_rows_vnni(const int8_t *xq, const float *xs16, const int8_t *w, const float *w_scale, float *y,
+HIDDEN void int8_rows_vnni(const int8_t *xq, const float *xs16, const int8_t *w, const float *w_scale, float *y,
                            int64_t m, int64_t n, int64_t k, int threads) {
     const int64_t groups = k / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -279,7 +254,7 @@ static inline void store_rows(float *y, int64_t row, __m256 v) {
     _mm_storeu_ps(y + row + 16, _mm256_extractf128_ps(v, 1));
 }
 
-static void int4_rows_vnni(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
+HIDDEN void int4_rows_vnni(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
                            const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int threads) {
     const int64_t groups = k / 32, blocks = n / 64;
     const __m256i low4 = _mm256_set1_epi8(0x0f);

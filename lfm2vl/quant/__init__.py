@@ -41,6 +41,7 @@ from ..model.linear import activate
 from .common import SMALL_ROWS, WIDEN_BLOCK_BYTES, _QuantizedLinear, prompt_rows, widened_linear  # noqa: F401
 from .int4 import (INT4_BLOCKS, INT4_GROUP, INT4_KERNEL_ROWS, Int4Linear, Int4TiedEmbedding,  # noqa: F401
                    add_int4_head, int4_available, int4_block, int4_fits, quantize_int4, repack_int4, tied_int4_head)
+from .step import use_native_step  # noqa: F401
 
 QUANTIZE = ("int8", "int4")
 KEEP = ("patch_embedding",)  # tiny (768 x 768) and it sets the vision tower's input dtype: left as is
@@ -303,4 +304,5 @@ def quantize_model(module: nn.Module, scheme: str = "int8", dtype: torch.dtype |
     else:
         text.embed_tokens = Int8Embedding.from_weight(text.embed_tokens.weight, dtype)
     share_int8_head(module)
+    use_native_step(module)
     return module.to(dtype)  # the rest (int8 buffers stay int8)

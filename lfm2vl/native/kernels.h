@@ -1,0 +1,58 @@
+/* What kernels.c and step.c share: the instruction sets they are built for, the decode kernels over
+ * activations already rounded to int8 per group of 32 (kernels.c says how and why), and two
+ * horizontal reductions. Internal to the built library (hidden from its exported symbols). */
+
+#ifndef LFM2VL_KERNELS_H
+#define LFM2VL_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+#endif
+
+#define HIDDEN __attribute__((visibility("hidden")))
+
+#ifdef HAVE_AVX2
+
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* x (m, k) -> xq (m, k) int8, xs (m, k / 32) scales, xsum (m, k / 32) scale * sum of the group (or NULL) */
+HIDDEN void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *xs, float *xsum);
+/* y (m, n) = xq (m, k) @ (w (n, k) int8 * w_scale (n,))^T; xs16: each group's scale 8 times */
+HIDDEN void int8_rows_avx2(const int8_t *xq, const float *xs16, const int8_t *w, const float *w_scale, float *y,
+                           int64_t m, int64_t n, int64_t k, int threads);
+/* y (m, n) = xq (m, k) @ W^T for an int4 weight in torch's packing of `block` (32 or 64) rows */
+HIDDEN void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
+                           const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int64_t block,
+                           int threads);
+#endif
+
+#if defined(HAVE_VNNI) && defined(HAVE_AVX2)
+HIDDEN void int8_rows_vnni(const int8_t *xq, const float *xs16, const int8_t *w, const float *w_scale, float *y,
+                           int64_t m, int64_t n, int64_t k, int threads);
+/* the 64-row packing only */
+HIDDEN void int4_rows_vnni(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
+                           const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int threads);
+#endif
+
+#endif /* LFM2VL_KERNELS_H */

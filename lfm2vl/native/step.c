@@ -1,0 +1,309 @@
+/* One decode step of LFM2's language model in C, for quantized models (lfm2vl/quant/step.py builds
+ * the layer table from the model's own tensors and calls `decode_step`; the caches are the engine's
+ * own tensors, written in place).
+ *
+ * Why: a decode step of the 450M multiplies one row by ~350 M int8 or int4 weights (the kernels in
+ * kernels.c stream them at about the memory's rate), and around those 93 matmuls torch ran ~1,500 small
+ * operations (norms, residuals, the conv taps, RoPE, the cache writes, attention's matmuls and
+ * softmax) at 2-5 us each, plus a ctypes call and an OpenMP wake-up a matmul: on a 2-core AVX2 EPYC
+ * 8-10 ms of a 22-25 ms step (docs/performance.md). Here the whole step is one call: the same kernels
+ * on the same int8-rounded activations (each activation is quantized once for the layers that read it:
+ * q/k/v, w1/w3), and everything between them in float32, in the order torch computes it except for
+ * the order of the sums in the norms, the softmax and attention's dot products.
+ *
+ * A step takes B rows, each one sequence at its own length: row r is cache slot slots[r] at position
+ * positions[r] (its stored tokens before this one); it attends over its own positions 0..positions[r].
+ * Float32 throughout: activations, norms, conv weights and states, K/V, cos/sin (the Python side
+ * checks, and keeps torch's path for anything else).
+ */
+
+#include "kernels.h"
+
+#ifdef HAVE_AVX2
+
+#define MAX_HEAD_DIM 512  /* lfm2vl/native/step.py: MAX_HEAD_DIM */
+
+typedef struct {
+    int32_t kind;        /* 1: int8, w (n, k), scale (n,) float32; 2: int4, torch's packing of `block` rows,
+                            scale = scales_zeros (k / 32, n, 2) bf16 */
+    int32_t _pad;
+    int64_t n, k, block;
+    const void *w, *scale;
+    const float *bias;   /* (n,) or NULL */
+} qlinear_t;
+
+typedef struct {
+    int32_t attention;
+    int32_t _pad;
+    const float *operator_norm, *ffn_norm;  /* (D,) */
+    qlinear_t op[4];                        /* conv: in_proj, out_proj; attention: q, k, v, out_proj */
+    qlinear_t w1, w3, w2;
+    const float *conv_w, *conv_b;           /* (D, K) and (D,) or NULL */
+    const float *q_norm, *k_norm;           /* (Dh,) */
+    float *kt, *v;                          /* K^T (S, Hkv, Dh, L) and V (S, Hkv, L, Dh) */
+    float *conv_state;                      /* (S, D, K - 1) */
+} layer_t;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, conv_k, max_len;
+    float eps;
+    int32_t _pad;
+    const float *final_norm;   /* (D,) */
+    const float *cos, *sin;    /* (L, Dh): RoPE tables, "rotate-half" layout */
+    const layer_t *layers;
+} model_t;
+
+/* activations rounded to int8 per group of 32, the form the kernels read */
+typedef struct {
+    int8_t *xq;
+    float *xs, *xs16, *xsum;
+    int64_t m, k;
+} rounded_t;
+
+static void round_rows(const float *x, int64_t m, int64_t k, rounded_t *a) {
+    const int64_t groups = m * k / 32;
+    quantize_groups(x, 0, m, k, a->xq, a->xs, a->xsum);
+    for (int64_t g = 0; g < groups; g++)
+        for (int i = 0; i < 8; i++) a->xs16[g * 8 + i] = a->xs[g];
+    a->m = m, a->k = k;
+}
+
+/* y (m, n) = a @ W^T (+ bias): kernels.c's int8_rows / int4_rows without their quantizing */
+static void qlinear(const qlinear_t *l, const rounded_t *a, float *y, int threads, int isa) {
+    if (l->kind == 1) {
+#ifdef HAVE_VNNI
+        if (isa == 2) int8_rows_vnni(a->xq, a->xs16, l->w, l->scale, y, a->m, l->n, l->k, threads);
+        else
+#endif
+        int8_rows_avx2(a->xq, a->xs16, l->w, l->scale, y, a->m, l->n, l->k, threads);
+    } else {
+#ifdef HAVE_VNNI
+        if (isa == 2 && l->block == 64) int4_rows_vnni(a->xq, a->xs, a->xsum, l->w, l->scale, y, a->m, l->n, l->k, threads);
+        else
+#endif
+        int4_rows_avx2(a->xq, a->xs, a->xsum, l->w, l->scale, y, a->m, l->n, l->k, l->block, threads);
+    }
+    (void)isa;
+    if (l->bias)
+        for (int64_t r = 0; r < a->m; r++)
+            for (int64_t j = 0; j < l->n; j++) y[r * l->n + j] += l->bias[j];
+}
+
+/* exp(x), 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial), within
+ * 2 ulp of expf over the range a softmax and SiLU use; inputs below -87 give exp(-87), not 0. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float exp1(float x) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, exp8(_mm256_set1_ps(x)));
+    return lanes[0];
+}
+
+/* y (m, d) = x * (1 / sqrt(mean(x^2) + eps)) * w, row by row (torch's rms_norm: the same steps) */
+static void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t d, float eps) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * d;
+        float *yr = y + r * d;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= d; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float sum = hsum8(acc);
+        for (; i < d; i++) sum += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        for (i = 0; i < d; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* x (Dh,) rotated in place at one position: x * cos + rotate_half(x) * sin */
+static void rope(float *x, const float *cos, const float *sin, int64_t dh) {
+    const int64_t half = dh / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] + (-b) * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* one query head over its sequence's n keys: o (Dh,) = softmax(q K / sqrt(Dh)) V, scores: n floats */
+static void attend(const float *q, const float *kt, const float *v, int64_t n, int64_t dh, int64_t stride,
+                   float *scores, float *o) {
+    const float scale = 1.0f / sqrtf((float)dh);
+    float qs[MAX_HEAD_DIM];
+    for (int64_t d = 0; d < dh; d++) qs[d] = q[d] * scale;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {  /* K^T rows: Dh rows of `stride` keys, 32 keys a pass */
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t d = 0; d < dh; d++) {
+            const float *row = kt + d * stride + j;
+            __m256 qd = _mm256_set1_ps(qs[d]);
+            for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(scores + j + 8 * i, acc[i]);
+    }
+    for (; j < n; j++) {
+        float s = 0.0f;
+        for (int64_t d = 0; d < dh; d++) s += qs[d] * kt[d * stride + j];
+        scores[j] = s;
+    }
+    float top = -INFINITY, total = 0.0f;
+    for (j = 0; j < n; j++) top = scores[j] > top ? scores[j] : top;
+    __m256 vtop = _mm256_set1_ps(top), vsum = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vtop));
+        _mm256_storeu_ps(scores + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    total = hsum8(vsum);
+    for (; j < n; j++) total += (scores[j] = exp1(scores[j] - top));
+    const float inv = 1.0f / total;
+    int64_t d0 = 0;
+    for (; d0 + 32 <= dh; d0 += 32) {  /* 32 of the head's values a pass, then 8, then one */
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (j = 0; j < n; j++) {
+            __m256 p = _mm256_set1_ps(scores[j] * inv);
+            const float *row = v + j * dh + d0;
+            for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+    }
+    for (; d0 + 8 <= dh; d0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j] * inv), _mm256_loadu_ps(v + j * dh + d0), acc);
+        _mm256_storeu_ps(o + d0, acc);
+    }
+    for (; d0 < dh; d0++) {
+        float acc = 0.0f;
+        for (j = 0; j < n; j++) acc += scores[j] * inv * v[j * dh + d0];
+        o[d0] = acc;
+    }
+}
+
+/* silu(a) * b into a, n values */
+static void silu_mul(float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(a + i);
+        __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(b + i)));
+    }
+    for (; i < n; i++) a[i] = a[i] / (1.0f + exp1(-a[i])) * b[i];
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* x (B, D) the new tokens' embeddings -> out (B, D) the final norm's output; writes each row's K/V at
+ * its position and its conv states. Returns 0, -1 without memory, -2 for a shape it does not take. */
+int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, const int64_t *slots,
+                const int64_t *positions, int threads, int isa) {
+    const int64_t D = md->hidden, H = md->heads, Hkv = md->kv_heads, Dh = md->head_dim, K = md->conv_k, L = md->max_len;
+    if (Dh > MAX_HEAD_DIM || H % Hkv || K < 2) return -2;
+    int64_t wide = 3 * D, deep = D;  /* the most outputs and inputs of any layer */
+    for (int64_t i = 0; i < md->n_layers; i++) {
+        const layer_t *ly = &md->layers[i];
+        const qlinear_t *ls[7] = {&ly->op[0], &ly->op[1], &ly->w1, &ly->w3, &ly->w2, &ly->op[2], &ly->op[3]};
+        for (int j = 0; j < (ly->attention ? 7 : 5); j++) {
+            if (ls[j]->k % 32) return -2;
+            wide = max64(wide, ls[j]->n), deep = max64(deep, ls[j]->k);
+        }
+    }
+    float *x = malloc(sizeof(float) * (size_t)(b * D)), *h = malloc(sizeof(float) * (size_t)(b * D));
+    float *p1 = malloc(sizeof(float) * (size_t)(b * wide)), *p2 = malloc(sizeof(float) * (size_t)(b * wide));
+    float *p3 = malloc(sizeof(float) * (size_t)(b * wide)), *z = malloc(sizeof(float) * (size_t)(b * deep));
+    float *scores = malloc(sizeof(float) * (size_t)(b * H * L));
+    rounded_t a = {malloc((size_t)(b * deep)), malloc(sizeof(float) * (size_t)(b * deep / 32)),
+                   malloc(sizeof(float) * (size_t)(b * deep / 4)), malloc(sizeof(float) * (size_t)(b * deep / 32)), 0, 0};
+    int status = -1;
+    if (!(x && h && p1 && p2 && p3 && z && scores && a.xq && a.xs && a.xs16 && a.xsum)) goto done;
+    memcpy(x, x_in, sizeof(float) * (size_t)(b * D));
+    for (int64_t li = 0; li < md->n_layers; li++) {
+        const layer_t *ly = &md->layers[li];
+        rms_norm(x, ly->operator_norm, h, b, D, md->eps);
+        round_rows(h, b, D, &a);
+        if (ly->attention) {
+            const int64_t G = H / Hkv;
+            qlinear(&ly->op[0], &a, p1, threads, isa);  /* q (B, H * Dh) */
+            qlinear(&ly->op[1], &a, p2, threads, isa);  /* k (B, Hkv * Dh) */
+            qlinear(&ly->op[2], &a, p3, threads, isa);  /* v (B, Hkv * Dh) */
+            rms_norm(p1, ly->q_norm, p1, b * H, Dh, md->eps);
+            rms_norm(p2, ly->k_norm, p2, b * Hkv, Dh, md->eps);
+            for (int64_t r = 0; r < b; r++) {
+                const int64_t pos = positions[r];
+                const float *c = md->cos + pos * Dh, *s = md->sin + pos * Dh;
+                for (int64_t hh = 0; hh < H; hh++) rope(p1 + (r * H + hh) * Dh, c, s, Dh);
+                for (int64_t g = 0; g < Hkv; g++) {
+                    float *kr = p2 + (r * Hkv + g) * Dh, *vr = p3 + (r * Hkv + g) * Dh;
+                    rope(kr, c, s, Dh);
+                    float *kt = ly->kt + ((slots[r] * Hkv + g) * Dh) * L, *vc = ly->v + ((slots[r] * Hkv + g) * L) * Dh;
+                    for (int64_t d = 0; d < Dh; d++) kt[d * L + pos] = kr[d];
+                    memcpy(vc + pos * Dh, vr, sizeof(float) * (size_t)Dh);
+                }
+            }
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+            for (int64_t r = 0; r < b; r++)
+                for (int64_t hh = 0; hh < H; hh++) {
+                    const int64_t g = hh / G;
+                    attend(p1 + (r * H + hh) * Dh, ly->kt + ((slots[r] * Hkv + g) * Dh) * L,
+                           ly->v + ((slots[r] * Hkv + g) * L) * Dh, positions[r] + 1, Dh, L,
+                           scores + (r * H + hh) * L, z + (r * H + hh) * Dh);
+                }
+            round_rows(z, b, H * Dh, &a);
+            qlinear(&ly->op[3], &a, p1, threads, isa);
+        } else {
+            qlinear(&ly->op[0], &a, p1, threads, isa);  /* (B, 3D): B, C, x */
+            for (int64_t r = 0; r < b; r++) {
+                const float *gb = p1 + r * 3 * D, *gc = gb + D, *xs = gb + 2 * D;
+                for (int64_t c = 0; c < D; c++) {
+                    float *st = ly->conv_state + (slots[r] * D + c) * (K - 1);
+                    const float *w = ly->conv_w + c * K;
+                    const float bx = gb[c] * xs[c];
+                    float y = st[0] * w[0];
+                    for (int64_t i = 1; i < K - 1; i++) y += st[i] * w[i];
+                    y += bx * w[K - 1];
+                    if (ly->conv_b) y += ly->conv_b[c];
+                    for (int64_t i = 0; i + 1 < K - 1; i++) st[i] = st[i + 1];
+                    st[K - 2] = bx;
+                    z[r * D + c] = gc[c] * y;
+                }
+            }
+            round_rows(z, b, D, &a);
+            qlinear(&ly->op[1], &a, p1, threads, isa);
+        }
+        for (int64_t i = 0; i < b * D; i++) x[i] += p1[i];
+        rms_norm(x, ly->ffn_norm, h, b, D, md->eps);
+        round_rows(h, b, D, &a);
+        const int64_t F = ly->w1.n;
+        qlinear(&ly->w1, &a, p1, threads, isa);
+        qlinear(&ly->w3, &a, p2, threads, isa);
+        silu_mul(p1, p2, b * F);
+        round_rows(p1, b, F, &a);
+        qlinear(&ly->w2, &a, p2, threads, isa);
+        for (int64_t i = 0; i < b * D; i++) x[i] += p2[i];
+    }
+    rms_norm(x, md->final_norm, out, b, D, md->eps);
+    status = 0;
+done:
+    free(x), free(h), free(p1), free(p2), free(p3), free(z), free(scores);
+    free(a.xq), free(a.xs), free(a.xs16), free(a.xsum);
+    return status;
+}
+
+#endif /* HAVE_AVX2 */

@@ -1,0 +1,114 @@
+"""A quantized model's decode step in one C call (lfm2vl/native/step.c, lfm2vl/quant/step.py) is the
+step torch's layers take: the same logits (up to the order of float32 sums, and the int8 rounding of
+an activation that lands on a boundary), the same K/V and conv states written at the same places,
+for rows at different lengths in one batch; and anything it was not written for keeps torch's layers."""
+
+import pytest
+import torch
+
+import lfm2vl
+from lfm2vl.model.linear import Linear
+from lfm2vl.native import step as native_step
+from lfm2vl.quant import step as quant_step
+
+needs_step = pytest.mark.skipif(not native_step.available(), reason="lfm2vl/native not built here")
+PROMPT = "Return the number of items in a container. Raise an error when the key is missing."
+
+
+@pytest.fixture(scope="module")
+def tiny_with_biases(tmp_path_factory):
+    """transformers' own tiny LFM2-VL with conv biases (in_proj, out_proj and the conv taps), head_dim 16."""
+    import reference
+
+    folder = tmp_path_factory.mktemp("tiny_conv_bias")
+    reference.make_reference_checkpoint(folder, text={"conv_bias": True})
+    return folder
+
+
+def _decode(model, ids, rows, native: bool, steps: int = 6, calls: list | None = None):
+    """Prefill row r with a prompt of its own length, then decode `steps` tokens over all rows at once."""
+    text = model.module.language_model
+
+    def spy(*args):
+        out = quant_step.native_decode(*args)
+        calls.append(out is not None)
+        return out
+
+    text.decode_step = spy if native else None
+    cache = model.module.make_cache(4, 128)
+    logits = []
+    with torch.inference_mode():
+        for r in rows:
+            n = 5 + 7 * r
+            model.module.forward(ids[:, :n], cache=cache.view([r], n), logits_to_keep=1)
+        tokens = torch.tensor([[5], [9], [11], [3]])[: len(rows)]
+        for _ in range(steps):
+            out = model.module.forward(tokens, cache=cache.view(list(rows), 1))[:, -1]  # (B, V)
+            logits.append(out)
+            tokens = out.argmax(-1, keepdim=True)
+    text.decode_step = quant_step.native_decode
+    return torch.stack(logits), cache
+
+
+@needs_step
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("source", ["bundled", "tiny_with_biases"])
+def test_the_c_decode_step_is_the_layers_step(scheme, source, request):
+    folder = None if source == "bundled" else request.getfixturevalue("tiny_with_biases")
+    model = lfm2vl.load(folder, quantize=scheme)
+    assert model.module.language_model.decode_step is quant_step.native_decode
+    ids = torch.tensor([model.processor.text_tokenizer.encode(PROMPT * 2)])
+    for rows in [(0,), (2, 0, 3)]:  # one row; rows at three lengths, not in slot order
+        calls: list[bool] = []
+        expected, want = _decode(model, ids, rows, native=False)
+        got, have = _decode(model, ids, rows, native=True, calls=calls)
+        assert calls == [True] * 6
+        scale = expected.abs().max()
+        assert (got - expected).abs().max() <= 3e-3 * scale, (got - expected).abs().max()
+        assert torch.equal(got.argmax(-1), expected.argmax(-1))
+        assert have.host_lengths == want.host_lengths and torch.equal(have.lengths, want.lengths)
+        for layer in want.kt:
+            assert torch.allclose(have.kt[layer], want.kt[layer], rtol=1e-4, atol=1e-5)
+            assert torch.allclose(have.v[layer], want.v[layer], rtol=1e-4, atol=1e-5)
+        for layer in want.conv:
+            assert torch.allclose(have.conv[layer], want.conv[layer], rtol=1e-4, atol=1e-5)
+
+
+@needs_step
+def test_what_the_c_step_was_not_written_for_keeps_torchs_layers(monkeypatch):
+    model = lfm2vl.load(quantize="int8")
+    text = model.module.language_model
+    cache = model.module.make_cache(1, 64)
+    ids = torch.tensor([model.processor.text_tokenizer.encode(PROMPT)])
+    with torch.inference_mode():
+        model.module.forward(ids, cache=cache.view([0], ids.shape[1]), logits_to_keep=1)
+        embeds = model.module.embed(torch.tensor([[5]]))
+        view = cache.view([0], 1)
+        assert quant_step.native_decode(text, embeds, view) is not None  # the baseline: it runs
+        assert quant_step.native_decode(text, embeds.bfloat16(), view) is None  # another compute dtype
+        monkeypatch.setenv("LFM2VL_NATIVE_STEP", "0")
+        assert quant_step.native_decode(text, embeds, view) is None
+        monkeypatch.delenv("LFM2VL_NATIVE_STEP")
+    assert quant_step.native_decode(text, embeds, view) is None  # gradients on
+    # a layer that is not a quantized one (a float adapter, say) sends the whole step to torch's layers
+    mlp = text.layers[1].feed_forward
+    plain = Linear(mlp.w2.in_features, mlp.w2.out_features, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(mlp.w2.qweight.float() * mlp.w2.scale[:, None])
+    mlp.w2 = plain
+    with torch.inference_mode():
+        assert quant_step.native_decode(text, embeds, view) is None
+    conv = [{"role": "user", "content": [{"type": "image", "image": "examples/red_circle.png"},
+                                         {"type": "text", "text": "what shape is in the image?"}]}]
+    assert model.generate(conv) == "circle"  # and the model still answers, on torch's layers
+
+
+@needs_step
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_generation_with_the_c_step_is_generation_without_it(scheme, monkeypatch):
+    questions = [[{"role": "user", "content": [{"type": "image", "image": f"examples/{name}.png"},
+                                               {"type": "text", "text": "Describe the image."}]}]
+                 for name in ("red_circle", "blue_triangle")]
+    with_step = lfm2vl.load(quantize=scheme).generate(questions, max_new_tokens=24)
+    monkeypatch.setenv("LFM2VL_NATIVE_STEP", "0")
+    assert lfm2vl.load(quantize=scheme).generate(questions, max_new_tokens=24) == with_step
