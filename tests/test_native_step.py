@@ -41,11 +41,13 @@ def _decode(model, ids, rows, native: bool, steps: int = 6, calls: list | None =
         for r in rows:
             n = 5 + 7 * r
             model.module.forward(ids[:, :n], cache=cache.view([r], n), logits_to_keep=1)
-        tokens = torch.tensor([[5], [9], [11], [3]])[: len(rows)]
-        for _ in range(steps):
+        fed = torch.tensor([[5, 9, 11, 3], [40, 2, 17, 8], [21, 30, 6, 12], [7, 7, 9, 50], [3, 60, 14, 1], [9, 8, 7, 6]])
+        for i in range(steps):
+            tokens = fed[i, : len(rows), None]  # (B, 1), the same tokens on both paths
+            if i == steps // 2:
+                cache.grow(256)  # new K/V tensors mid-sequence: the C step must follow them
             out = model.module.forward(tokens, cache=cache.view(list(rows), 1))[:, -1]  # (B, V)
             logits.append(out)
-            tokens = out.argmax(-1, keepdim=True)
     text.decode_step = quant_step.native_decode
     return torch.stack(logits), cache
 
@@ -63,15 +65,18 @@ def test_the_c_decode_step_is_the_layers_step(scheme, source, request):
         expected, want = _decode(model, ids, rows, native=False)
         got, have = _decode(model, ids, rows, native=True, calls=calls)
         assert calls == [True] * 6
-        scale = expected.abs().max()
-        assert (got - expected).abs().max() <= 3e-3 * scale, (got - expected).abs().max()
+        # per (step, row): the same numbers up to float32 sums, except where one activation rounded to
+        # the other side of an int8 boundary (torch's batched attention sums over the other rows'
+        # masked keys too): one step of one group's grid, at most ~0.6% of the logits here
+        off = ((got - expected).abs().amax(-1) / expected.abs().amax(-1)).flatten()  # (steps * B,)
+        assert off.max() <= 1e-2 and (off <= 1e-4).float().mean() >= 2 / 3, off
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
         assert have.host_lengths == want.host_lengths and torch.equal(have.lengths, want.lengths)
-        for layer in want.kt:
-            assert torch.allclose(have.kt[layer], want.kt[layer], rtol=1e-4, atol=1e-5)
-            assert torch.allclose(have.v[layer], want.v[layer], rtol=1e-4, atol=1e-5)
-        for layer in want.conv:
-            assert torch.allclose(have.conv[layer], want.conv[layer], rtol=1e-4, atol=1e-5)
+        # the states written, at the same places (a boundary rounding upstream moves them as it moves the logits)
+        for states, expected_states in ((have.kt, want.kt), (have.v, want.v), (have.conv, want.conv)):
+            for layer, t in expected_states.items():
+                assert (states[layer] - t).abs().max() <= 1e-2 * t.abs().max(), layer
+                assert torch.equal(states[layer] == 0, t == 0), layer  # nothing written elsewhere
 
 
 @needs_step
@@ -85,7 +90,7 @@ def test_what_the_c_step_was_not_written_for_keeps_torchs_layers(monkeypatch):
         embeds = model.module.embed(torch.tensor([[5]]))
         view = cache.view([0], 1)
         assert quant_step.native_decode(text, embeds, view) is not None  # the baseline: it runs
-        assert quant_step.native_decode(text, embeds.bfloat16(), view) is None  # another compute dtype
+        assert quant_step.native_decode(text, embeds.half(), view) is None  # a compute dtype it does not take
         monkeypatch.setenv("LFM2VL_NATIVE_STEP", "0")
         assert quant_step.native_decode(text, embeds, view) is None
         monkeypatch.delenv("LFM2VL_NATIVE_STEP")
@@ -101,6 +106,9 @@ def test_what_the_c_step_was_not_written_for_keeps_torchs_layers(monkeypatch):
     conv = [{"role": "user", "content": [{"type": "image", "image": "examples/red_circle.png"},
                                          {"type": "text", "text": "what shape is in the image?"}]}]
     assert model.generate(conv) == "circle"  # and the model still answers, on torch's layers
+    assert text.decode_state is not None
+    model.to(dtype="float32")
+    assert text.decode_state is None  # a move or cast drops the table (and its hold on the old weights)
 
 
 @needs_step
@@ -112,3 +120,21 @@ def test_generation_with_the_c_step_is_generation_without_it(scheme, monkeypatch
     with_step = lfm2vl.load(quantize=scheme).generate(questions, max_new_tokens=24)
     monkeypatch.setenv("LFM2VL_NATIVE_STEP", "0")
     assert lfm2vl.load(quantize=scheme).generate(questions, max_new_tokens=24) == with_step
+
+
+@needs_step
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_bf16_models_c_step_is_as_close_to_float32_as_torchs_bf16_layers(scheme):
+    """step.c computes a bf16 model's step in float32 (its conv states stay bf16), where torch's
+    layers round every operation to bf16: no farther from the float32 model than those."""
+    wide, narrow = lfm2vl.load(quantize=scheme), lfm2vl.load(quantize=scheme, dtype="bfloat16")
+    ids = torch.tensor([wide.processor.text_tokenizer.encode(PROMPT * 2)])
+    rows = (2, 0, 3)
+    reference, _ = _decode(wide, ids, rows, native=False)
+    layers, want = _decode(narrow, ids, rows, native=False)
+    calls: list[bool] = []
+    got, have = _decode(narrow, ids, rows, native=True, calls=calls)
+    assert calls == [True] * 6 and got.dtype == torch.bfloat16
+    assert next(iter(have.conv.values())).dtype == torch.bfloat16 and have.host_lengths == want.host_lengths
+    scale = reference.abs().max()
+    assert (got.float() - reference).abs().max() <= 2 * (layers.float() - reference).abs().max() + 1e-3 * scale

@@ -39,6 +39,10 @@ def kernels(model: Any) -> dict[str, Any]:
             if model.quantization == "int4":
                 native_int4 = isa is not None and int4_block() in native.INT4_BLOCKS
                 out["int4_decode_rows"] = f"lfm2vl native int4 x int8 ({isa})" if native_int4 else "torch int4 kernel"
+            # what the run's decode steps took (lfm2vl/quant/step.py keeps a table once the C step ran)
+            state = model.module.language_model.decode_state
+            out["decode_step"] = ("one C call (lfm2vl/native/step.c)" if state is not None and state[1] is not None
+                                  else "torch's layers")
     return out
 
 

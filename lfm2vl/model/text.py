@@ -202,6 +202,11 @@ class TextModel(nn.Module):
         # (self, embeds, cache view) -> final hidden states, or None for the layers below: a quantized
         # model's decode step in one C call (lfm2vl/quant/step.py sets it)
         self.decode_step: Callable[[TextModel, torch.Tensor, CacheView], torch.Tensor | None] | None = None
+        self.decode_state: object = None  # what decode_step keeps between steps (dropped by a move or cast)
+
+    def _apply(self, fn, recurse: bool = True) -> TextModel:
+        self.decode_state = None  # it may point at the tensors a move or cast replaces
+        return super()._apply(fn, recurse)
 
     def forward(
         self, embeds: torch.Tensor, key_mask: torch.Tensor | None = None, cache: CacheView | None = None

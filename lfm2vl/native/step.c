@@ -13,15 +13,31 @@
  *
  * A step takes B rows, each one sequence at its own length: row r is cache slot slots[r] at position
  * positions[r] (its stored tokens before this one); it attends over its own positions 0..positions[r].
- * Float32 throughout: activations, norms, conv weights and states, K/V, cos/sin (the Python side
- * checks, and keeps torch's path for anything else).
+ * Float32 throughout: activations, norms, conv weights, K/V, cos/sin; for a bf16 model the Python side
+ * hands over float32 copies of its small tensors, and only the conv states stay bf16 (the cache's:
+ * read widened, written rounded to nearest even), so a bf16 model's step is computed in float32
+ * where torch's rounds each operation to bf16.
  */
 
 #include "kernels.h"
 
 #ifdef HAVE_AVX2
 
-#define MAX_HEAD_DIM 512  /* lfm2vl/native/step.py: MAX_HEAD_DIM */
+#define MAX_HEAD_DIM 512  /* lfm2vl/native/step.py: MAX_HEAD_DIM, MAX_CONV_K */
+#define MAX_CONV_K 16
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's cast (no NaN here to keep) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 typedef struct {
     int32_t kind;        /* 1: int8, w (n, k), scale (n,) float32; 2: int4, torch's packing of `block` rows,
@@ -41,13 +57,13 @@ typedef struct {
     const float *conv_w, *conv_b;           /* (D, K) and (D,) or NULL */
     const float *q_norm, *k_norm;           /* (Dh,) */
     float *kt, *v;                          /* K^T (S, Hkv, Dh, L) and V (S, Hkv, L, Dh) */
-    float *conv_state;                      /* (S, D, K - 1) */
+    void *conv_state;                       /* (S, D, K - 1), float32 or bfloat16 (model_t.state_bf16) */
 } layer_t;
 
 typedef struct {
     int64_t n_layers, hidden, heads, kv_heads, head_dim, conv_k, max_len;
     float eps;
-    int32_t _pad;
+    int32_t state_bf16;        /* the conv states are bfloat16 (a bf16 model's cache), else float32 */
     const float *final_norm;   /* (D,) */
     const float *cos, *sin;    /* (L, Dh): RoPE tables, "rotate-half" layout */
     const layer_t *layers;
@@ -215,7 +231,7 @@ static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, const int64_t *slots,
                 const int64_t *positions, int threads, int isa) {
     const int64_t D = md->hidden, H = md->heads, Hkv = md->kv_heads, Dh = md->head_dim, K = md->conv_k, L = md->max_len;
-    if (Dh > MAX_HEAD_DIM || H % Hkv || K < 2) return -2;
+    if (Dh > MAX_HEAD_DIM || H % Hkv || K < 2 || K > MAX_CONV_K) return -2;
     int64_t wide = 3 * D, deep = D;  /* the most outputs and inputs of any layer */
     for (int64_t i = 0; i < md->n_layers; i++) {
         const layer_t *ly = &md->layers[i];
@@ -272,15 +288,19 @@ int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, con
             for (int64_t r = 0; r < b; r++) {
                 const float *gb = p1 + r * 3 * D, *gc = gb + D, *xs = gb + 2 * D;
                 for (int64_t c = 0; c < D; c++) {
-                    float *st = ly->conv_state + (slots[r] * D + c) * (K - 1);
+                    const int64_t at = (slots[r] * D + c) * (K - 1);
+                    float st[MAX_CONV_K];  /* [stored state | this token's B*x] */
+                    for (int64_t i = 0; i < K - 1; i++)
+                        st[i] = md->state_bf16 ? from_bf16(((uint16_t *)ly->conv_state)[at + i]) : ((float *)ly->conv_state)[at + i];
+                    st[K - 1] = gb[c] * xs[c];
                     const float *w = ly->conv_w + c * K;
-                    const float bx = gb[c] * xs[c];
                     float y = st[0] * w[0];
-                    for (int64_t i = 1; i < K - 1; i++) y += st[i] * w[i];
-                    y += bx * w[K - 1];
+                    for (int64_t i = 1; i < K; i++) y += st[i] * w[i];
                     if (ly->conv_b) y += ly->conv_b[c];
-                    for (int64_t i = 0; i + 1 < K - 1; i++) st[i] = st[i + 1];
-                    st[K - 2] = bx;
+                    for (int64_t i = 0; i < K - 1; i++) {
+                        if (md->state_bf16) ((uint16_t *)ly->conv_state)[at + i] = to_bf16(st[i + 1]);
+                        else ((float *)ly->conv_state)[at + i] = st[i + 1];
+                    }
                     z[r * D + c] = gc[c] * y;
                 }
             }

@@ -12,7 +12,7 @@ from . import library
 
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 INT8, INT4 = 1, 2  # step.c's qlinear_t.kind
-MAX_HEAD_DIM = 512  # step.c's
+MAX_HEAD_DIM, MAX_CONV_K = 512, 16  # step.c's
 
 
 class QLinear(ctypes.Structure):
@@ -28,7 +28,7 @@ class Layer(ctypes.Structure):
 
 class Model(ctypes.Structure):
     _fields_ = [("n_layers", _I64), ("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64),
-                ("conv_k", _I64), ("max_len", _I64), ("eps", ctypes.c_float), ("_pad", _I32),
+                ("conv_k", _I64), ("max_len", _I64), ("eps", ctypes.c_float), ("state_bf16", _I32),
                 ("final_norm", _P), ("cos", _P), ("sin", _P), ("layers", ctypes.POINTER(Layer))]
 
 
@@ -38,7 +38,7 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 @dataclass
 class Table:
-    """A filled Model structure and the tensors it points into (kept alive while it is used)."""
+    """A filled Model structure and the weights it points at (kept alive while it is used)."""
 
     model: Model
     layers: ctypes.Array

@@ -3,9 +3,10 @@
 `use_native_step(model)` (the loader and `quantize_model` call it) gives the language model its
 `decode_step`; each decode step then fills step.c's table from the model's and the cache's own
 tensors and runs it, or returns None to keep torch's layers, which it does for anything the C step
-was not written for: gradients, a capture for the prefix cache, a compute dtype or cache other than
-float32 on the CPU, a layer that is not an int8 or int4 one the kernels read (a LoRA adapter, say),
-or LFM2VL_NATIVE_STEP=0 (to compare the two; LFM2VL_NATIVE=0 turns every kernel off).
+was not written for: gradients, a capture for the prefix cache, more than SMALL_ROWS rows, a device
+other than the CPU, a compute dtype other than float32 or bfloat16 (bf16 models are computed in
+float32 there: step.c), a layer that is not an int8 or int4 one the kernels read (a LoRA adapter,
+say), or LFM2VL_NATIVE_STEP=0 (to compare the two; LFM2VL_NATIVE=0 turns every kernel off).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..model.cache import CacheView
+from ..model.cast import cast
 from ..native import step as native_step
 from .common import SMALL_ROWS
 from .int4 import INT4_BLOCKS, Int4Linear, int4_block
@@ -24,77 +26,100 @@ from .int4 import INT4_BLOCKS, Int4Linear, int4_block
 F32 = torch.float32
 
 
-def _f32(t: torch.Tensor | None) -> bool:
-    return t is None or (t.dtype == F32 and t.device.type == "cpu" and t.is_contiguous())
+def _cpu(t: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    return t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous()
 
 
-def _linear(layer: nn.Module, keep: list[torch.Tensor]) -> native_step.QLinear | None:
+class _Tensors:
+    """The tensors a table points at, kept alive with it: the model's own where step.c reads their
+    dtype, else float32 copies (a bf16 model's norms, biases and scales: small)."""
+
+    def __init__(self) -> None:
+        self.keep: list[torch.Tensor] = []
+
+    def own(self, t: torch.Tensor) -> int:
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def f32(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        return self.own(t if _cpu(t, F32) else t.detach().to("cpu", F32, copy=True).contiguous())
+
+
+def _linear(layer: nn.Module, held: _Tensors) -> native_step.QLinear | None:
     """step.c's view of one quantized layer, or None for a layer it does not take."""
     from . import Int8Linear
 
-    if not _f32(layer.bias) or layer.in_features % 32:
+    if type(layer) not in (Int8Linear, Int4Linear) or layer.in_features % 32 or not _cpu(layer.qweight, torch.int8, torch.uint8):
         return None
-    bias = native_step.ptr(layer.bias)
-    if type(layer) is Int8Linear and _f32(layer.scale) and layer.qweight.is_contiguous():
-        keep += [layer.qweight, layer.scale]
+    if type(layer) is Int8Linear:
         return native_step.QLinear(native_step.INT8, 0, layer.out_features, layer.in_features, 0,
-                                   layer.qweight.data_ptr(), layer.scale.data_ptr(), bias)
+                                   held.own(layer.qweight), held.f32(layer.scale), held.f32(layer.bias))
     block = int4_block()
-    if (type(layer) is Int4Linear and block in INT4_BLOCKS and layer.scales_zeros.dtype == torch.bfloat16
-            and layer.qweight.is_contiguous() and layer.scales_zeros.is_contiguous()):
-        keep += [layer.qweight, layer.scales_zeros]
-        return native_step.QLinear(native_step.INT4, 0, layer.out_features, layer.in_features, block,
-                                   layer.qweight.data_ptr(), layer.scales_zeros.data_ptr(), bias)
-    return None
+    if block not in INT4_BLOCKS or not _cpu(layer.scales_zeros, torch.bfloat16):
+        return None
+    return native_step.QLinear(native_step.INT4, 0, layer.out_features, layer.in_features, block,
+                               held.own(layer.qweight), held.own(layer.scales_zeros), held.f32(layer.bias))
 
 
 def _table(text: nn.Module, view: CacheView) -> native_step.Table | None:
     cfg, cache = text.cfg, view.cache
-    if (cfg.head_dim > native_step.MAX_HEAD_DIM or cfg.conv_L_cache < 2
+    if (cfg.head_dim > native_step.MAX_HEAD_DIM or not 2 <= cfg.conv_L_cache <= native_step.MAX_CONV_K
             or cfg.num_attention_heads % cfg.num_key_value_heads):
         return None
-    keep: list[torch.Tensor] = []
+    kv = [t for layer in cfg.attention_layers for t in (cache.kt[layer], cache.v[layer])]
+    conv = [cache.conv[layer] for layer in cfg.conv_layers]
+    state_dtype = conv[0].dtype if conv else F32
+    if not all(_cpu(t, F32) for t in kv) or not all(_cpu(t, state_dtype) for t in conv) or state_dtype not in (
+            F32, torch.bfloat16):
+        return None
+    held = _Tensors()
     layers = (native_step.Layer * len(text.layers))()
     for i, (layer, row) in enumerate(zip(text.layers, layers, strict=True)):
-        norms = [layer.operator_norm.weight, layer.ffn_norm.weight]
         mlp = layer.feed_forward
         linears = [mlp.w1, mlp.w3, mlp.w2]
-        if layer.is_attention:
-            attn = layer.self_attn
-            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj]
-            norms += [attn.q_layernorm.weight, attn.k_layernorm.weight]
-            states = [cache.kt[i], cache.v[i]]
-        else:
-            conv = layer.conv
-            linears += [conv.in_proj, conv.out_proj]
-            norms += [conv.conv.weight, conv.conv.bias]
-            states = [cache.conv[i]]
-        if not all(_f32(t) for t in norms + states):
-            return None
-        tables = [_linear(m, keep) for m in linears]
+        op = layer.self_attn if layer.is_attention else layer.conv
+        linears += [op.q_proj, op.k_proj, op.v_proj, op.out_proj] if layer.is_attention else [op.in_proj, op.out_proj]
+        tables = [_linear(m, held) for m in linears]
         if any(t is None for t in tables):
             return None
-        keep += [t for t in norms + states if t is not None]
         row.attention = int(layer.is_attention)
-        row.operator_norm, row.ffn_norm = norms[0].data_ptr(), norms[1].data_ptr()
+        row.operator_norm, row.ffn_norm = held.f32(layer.operator_norm.weight), held.f32(layer.ffn_norm.weight)
         row.w1, row.w3, row.w2 = tables[:3]
         for j, t in enumerate(tables[3:]):
             row.op[j] = t
         if layer.is_attention:
-            row.q_norm, row.k_norm = norms[2].data_ptr(), norms[3].data_ptr()
-            row.kt, row.v = states[0].data_ptr(), states[1].data_ptr()
+            row.q_norm, row.k_norm = held.f32(op.q_layernorm.weight), held.f32(op.k_layernorm.weight)
+            row.kt, row.v = cache.kt[i].data_ptr(), cache.v[i].data_ptr()  # the engine's: written in place
         else:
-            row.conv_w, row.conv_b = norms[2].data_ptr(), native_step.ptr(norms[3])  # (D, 1, K): (D, K) rows
-            row.conv_state = states[0].data_ptr()
-    final = text.embedding_norm.weight
-    if not all(_f32(t) for t in (final, cache.cos, cache.sin)):
-        return None
-    keep += [final, cache.cos, cache.sin]
+            row.conv_w, row.conv_b = held.f32(op.conv.weight), held.f32(op.conv.bias)  # (D, 1, K): (D, K) rows
+            row.conv_state = cache.conv[i].data_ptr()
     model = native_step.Model(len(text.layers), cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                              cfg.head_dim, cfg.conv_L_cache, cache.max_len, cfg.norm_eps, 0, final.data_ptr(),
-                              cache.cos.data_ptr(), cache.sin.data_ptr(),
+                              cfg.head_dim, cfg.conv_L_cache, cache.max_len, cfg.norm_eps,
+                              int(state_dtype == torch.bfloat16), held.f32(text.embedding_norm.weight),
+                              held.f32(cache.cos), held.f32(cache.sin),
                               ctypes.cast(layers, ctypes.POINTER(native_step.Layer)))
-    return native_step.Table(model, layers, keep)
+    return native_step.Table(model, layers, held.keep)
+
+
+def _fingerprint(text: nn.Module, view: CacheView) -> list[int]:
+    """What the table depends on: every module of every layer (two levels down: the projections and
+    norms) and where its tensors live, the cache and where its tensors live. Any change (a cast or
+    move, a replaced layer, a grown cache) changes it. Plain dict walks: ~0.1 ms for the 450M, where
+    filling the table takes 1.6 ms. The table holds the weights it points at (a move or cast drops it:
+    TextModel._apply), not the cache's tensors, whose addresses are checked here every step."""
+    out = [id(view.cache), view.cache.max_len, text.embedding_norm.weight.data_ptr()]
+    for layer in text.layers._modules.values():
+        for m in layer._modules.values():
+            for s in (m, *m._modules.values()):
+                out.append(id(s))
+                out += [0 if t is None else t.data_ptr() for t in s._buffers.values()]
+                out += [0 if t is None else t.data_ptr() for t in s._parameters.values()]
+    cache = view.cache
+    for states in (cache.kt, cache.v, cache.conv):
+        out += [t.data_ptr() for t in states.values()]
+    return out + [cache.cos.data_ptr(), cache.sin.data_ptr()]
 
 
 def native_decode(text: nn.Module, embeds: torch.Tensor, view: CacheView) -> torch.Tensor | None:
@@ -102,14 +127,18 @@ def native_decode(text: nn.Module, embeds: torch.Tensor, view: CacheView) -> tor
     (B, 1, D) with the cache written (the caller advances it), or None to take torch's layers."""
     b = embeds.shape[0]
     if (torch.is_grad_enabled() or view.t != 1 or view.capture is not None or b > SMALL_ROWS
-            or embeds.dtype != F32 or embeds.device.type != "cpu" or not native_step.available()
+            or embeds.dtype not in (F32, torch.bfloat16) or embeds.device.type != "cpu" or not native_step.available()
             or os.environ.get("LFM2VL_NATIVE_STEP", "1") == "0"):
         return None
-    table = _table(text, view)
+    key = _fingerprint(text, view)
+    if text.decode_state is None or text.decode_state[0] != key:
+        text.decode_state = (key, _table(text, view))
+    table = text.decode_state[1]
     if table is None:
         return None
     starts = [view.cache.host_lengths[r] for r in view.rows]
-    return native_step.decode_step(table, embeds.reshape(b, -1), list(view.rows), starts).view(b, 1, -1)
+    hidden = native_step.decode_step(table, embeds.reshape(b, -1).float(), list(view.rows), starts)  # (B, D)
+    return cast(hidden, embeds.dtype).view(b, 1, -1)
 
 
 def use_native_step(model: nn.Module) -> None:
