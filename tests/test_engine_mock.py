@@ -103,6 +103,24 @@ def test_greedy_tokens_and_finish_reason():
         assert c.prompt_tokens == len(p)
 
 
+def test_the_cache_holds_slots_for_the_requests_that_run_together_only():
+    e = engine(max_slots=8)
+    for p in PROMPTS:  # one at a time: one slot, however many the engine may run
+        assert e.submit(req(p, 25)).result().token_ids == expected(p, 25)
+    assert e.cache.slots == 1
+    handles = [e.submit(req(p, 25)) for p in PROMPTS + PROMPTS[:1]]  # five at once: 1 -> 2 -> 4 -> 8 slots
+    while not all(h.done for h in handles):
+        e.step()
+    assert [h.result().token_ids for h in handles] == [expected(p, 25) for p in PROMPTS + PROMPTS[:1]]
+    assert e.cache.slots == 8
+    e3 = engine(max_slots=3)
+    handles = [e3.submit(req(p, 25)) for p in PROMPTS]
+    while not all(h.done for h in handles):
+        e3.step()
+    assert [h.result().token_ids for h in handles] == [expected(p, 25) for p in PROMPTS]
+    assert e3.cache.slots == 3  # never past max_slots
+
+
 def test_going_idle_after_work_returns_freed_memory_at_most_once_an_interval(monkeypatch):
     from lfm2vl.engine import scheduler
 

@@ -1,4 +1,4 @@
-"""The engine: continuous batching over a fixed set of cache slots, with image and prefix caches.
+"""The engine: continuous batching over up to max_slots cache slots, with image and prefix caches.
 
 Requests wait in a queue. Each `step()`:
 1. drops cancelled requests and admits queued ones into free slots (a prefix-cache hit copies the
@@ -94,7 +94,8 @@ class Engine:
         self.config = config or EngineConfig.for_device(model.device)
         context = model.cfg.text.max_position_embeddings
         self.max_len = min(self.config.max_len or context, context)
-        self.cache = model.make_cache(self.config.max_slots, min(self.config.initial_len, self.max_len))
+        # one slot to start; _start adds slots (doubling, up to max_slots) as requests run together
+        self.cache = model.make_cache(1, min(self.config.initial_len, self.max_len))
         self.image_cache = ImageCache(self.config.image_cache_mb)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_mb)
         self.vision_patches = vision_batch_patches(torch.device(model.device), model.dtype)
@@ -274,6 +275,8 @@ class Engine:
     def _start(self, handle: RequestHandle, slot: int) -> _Active:
         req = handle.request
         p = req.params
+        if slot >= self.cache.slots:
+            self.cache.ensure_slots(min(self.config.max_slots, max(slot + 1, 2 * self.cache.slots)))
         self.cache.grow(min(self.max_len, _pow2(len(req.ids) + p.max_new_tokens)))
         self.cache.reset(slot)
         hit = self.prefix_cache.lookup(req.key) if req.key is not None and self.prefix_cache.capacity else None
