@@ -119,11 +119,17 @@ def test_the_bench_names_the_decode_kernel_it_ran():
 
     from lfm2vl.bench.ours import kernels
 
+    text = SimpleNamespace(decode_state=None)  # no decode step has run, or torch's layers took it
     model = SimpleNamespace(engine=SimpleNamespace(vision_patches=1024), device=torch.device("cpu"),
-                            quantization="int8", dtype=torch.bfloat16)
+                            quantization="int8", dtype=torch.bfloat16, module=SimpleNamespace(language_model=text))
     isa = native.isa()
     expected = f"lfm2vl native int8 x int8 ({isa})" if isa else f"torch GEMV ({native.why_not()})"
     assert kernels(model)["int8_decode_rows"] == expected
+    assert kernels(model)["decode_step"] == "torch's layers"
+    text.decode_state = ([0], None)  # a table was asked for and refused: torch's layers
+    assert kernels(model)["decode_step"] == "torch's layers"
+    text.decode_state = ([0], object())  # lfm2vl/quant/step.py keeps (fingerprint, table) once the C step ran
+    assert kernels(model)["decode_step"] == "one C call (lfm2vl/native/step.c)"
 
 
 needs_int4 = pytest.mark.skipif(native.library() is None or int4_block() not in native.INT4_BLOCKS,

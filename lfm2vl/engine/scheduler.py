@@ -94,8 +94,7 @@ class Engine:
         self.config = config or EngineConfig.for_device(model.device)
         context = model.cfg.text.max_position_embeddings
         self.max_len = min(self.config.max_len or context, context)
-        # one slot to start; _start adds slots (doubling, up to max_slots) as requests run together
-        self.cache = model.make_cache(1, min(self.config.initial_len, self.max_len))
+        self.cache = model.make_cache(1, min(self.config.initial_len, self.max_len))  # more slots: _start
         self.image_cache = ImageCache(self.config.image_cache_mb)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_mb)
         self.vision_patches = vision_batch_patches(torch.device(model.device), model.dtype)
@@ -273,10 +272,8 @@ class Engine:
                 self._finish_handle(handle, "error", f"{type(e).__name__}: {e}")
 
     def _start(self, handle: RequestHandle, slot: int) -> _Active:
-        req = handle.request
-        p = req.params
-        if slot >= self.cache.slots:
-            self.cache.ensure_slots(min(self.config.max_slots, max(slot + 1, 2 * self.cache.slots)))
+        req, p = handle.request, handle.request.params
+        self.cache.ensure_slots(slot + 1, self.config.max_slots)
         self.cache.grow(min(self.max_len, _pow2(len(req.ids) + p.max_new_tokens)))
         self.cache.reset(slot)
         hit = self.prefix_cache.lookup(req.key) if req.key is not None and self.prefix_cache.capacity else None

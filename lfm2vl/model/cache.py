@@ -95,19 +95,20 @@ class HybridCache:
         self.cos, self.sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, self.dtype)  # (L, Dh)
         self.max_len = max_len
 
-    def ensure_slots(self, slots: int) -> None:
-        """Hold at least `slots` slots, keeping what the others store (no-op if it already does): an
-        engine starts with one and adds slots as requests run together, so one request at a time
-        never holds K/V for eight (403 MB of float32 K/V for the 450M at 2,048 positions)."""
+    def ensure_slots(self, slots: int, most: int) -> None:
+        """Hold at least `slots` slots (doubling, at most `most`), keeping what the others store; a
+        no-op if it already does. An engine starts with one and adds slots as requests run together,
+        so one request at a time never holds K/V for eight (403 MB of float32 K/V for the 450M at
+        2,048 positions)."""
         if slots <= self.slots:
             return
-        extra = slots - self.slots
+        extra = max(slots, min(most, 2 * self.slots)) - self.slots
         for states in (self.kt, self.v, self.conv):
             for i, t in states.items():
                 states[i] = torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
         self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
         self.host_lengths += [0] * extra
-        self.slots = slots
+        self.slots += extra
 
     # -- slots ------------------------------------------------------------------------------------
     def reset(self, slot: int) -> None:
