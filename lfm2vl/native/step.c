@@ -158,57 +158,99 @@ static void rope(float *x, const float *cos, const float *sin, int64_t dh) {
     }
 }
 
-/* one query head over its sequence's n keys: o (Dh,) = softmax(q K / sqrt(Dh)) V, scores: n floats */
-static void attend(const float *q, const float *kt, const float *v, int64_t n, int64_t dh, int64_t stride,
-                   float *scores, float *o) {
-    const float scale = 1.0f / sqrtf((float)dh);
-    float qs[MAX_HEAD_DIM];
-    for (int64_t d = 0; d < dh; d++) qs[d] = q[d] * scale;
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {  /* K^T rows: Dh rows of `stride` keys, 32 keys a pass */
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t d = 0; d < dh; d++) {
-            const float *row = kt + d * stride + j;
-            __m256 qd = _mm256_set1_ps(qs[d]);
-            for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8 * i), acc[i]);
-        }
-        for (int i = 0; i < 4; i++) _mm256_storeu_ps(scores + j + 8 * i, acc[i]);
-    }
-    for (; j < n; j++) {
-        float s = 0.0f;
-        for (int64_t d = 0; d < dh; d++) s += qs[d] * kt[d * stride + j];
-        scores[j] = s;
-    }
-    float top = -INFINITY, total = 0.0f;
-    for (j = 0; j < n; j++) top = scores[j] > top ? scores[j] : top;
+/* softmax of n scores in place, in float32: exp(s - max) / sum */
+static void softmax(float *scores, int64_t n) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; j++) top = scores[j] > top ? scores[j] : top;
     __m256 vtop = _mm256_set1_ps(top), vsum = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vtop));
         _mm256_storeu_ps(scores + j, e);
         vsum = _mm256_add_ps(vsum, e);
     }
-    total = hsum8(vsum);
+    float total = hsum8(vsum);
     for (; j < n; j++) total += (scores[j] = exp1(scores[j] - top));
-    const float inv = 1.0f / total;
-    int64_t d0 = 0;
-    for (; d0 + 32 <= dh; d0 += 32) {  /* 32 of the head's values a pass, then 8, then one */
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (j = 0; j < n; j++) {
-            __m256 p = _mm256_set1_ps(scores[j] * inv);
-            const float *row = v + j * dh + d0;
-            for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(row + 8 * i), acc[i]);
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, _mm256_mul_ps(_mm256_loadu_ps(scores + j), inv));
+    for (; j < n; j++) scores[j] *= 1.0f / total;
+}
+
+/* The G (1..4) query heads q (G, Dh) that share one K/V head, over its sequence's n keys:
+ * o_g = softmax(q_g K / sqrt(Dh)) V, with K and V each read once for all G heads (grouped-query
+ * attention: the 450M's 16 query heads share 8). scores: (G, n). W vectors of 8 keys (then of 8
+ * values) a pass: 4 for up to two heads, 2 for more, so that the G x W sums stay in registers. */
+static inline __attribute__((always_inline)) void attend_group(const int G, const float *q, const float *kt,
+                                                              const float *v, int64_t n, int64_t dh,
+                                                              int64_t stride, float *scores, float *o) {
+    const int W = G <= 2 ? 4 : 2;
+    const float scale = 1.0f / sqrtf((float)dh);
+    float qs[4 * MAX_HEAD_DIM];
+    for (int g = 0; g < G; g++)
+        for (int64_t d = 0; d < dh; d++) qs[g * dh + d] = q[g * dh + d] * scale;
+    int64_t j = 0;
+    for (; j + 8 * W <= n; j += 8 * W) {  /* K^T: Dh rows of `stride` keys */
+        __m256 acc[4][4];
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < W; i++) acc[g][i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < dh; d++) {
+            const float *row = kt + d * stride + j;
+            __m256 k[4];
+            for (int i = 0; i < W; i++) k[i] = _mm256_loadu_ps(row + 8 * i);
+            for (int g = 0; g < G; g++) {
+                __m256 qd = _mm256_broadcast_ss(qs + g * dh + d);
+                for (int i = 0; i < W; i++) acc[g][i] = _mm256_fmadd_ps(qd, k[i], acc[g][i]);
+            }
         }
-        for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < W; i++) _mm256_storeu_ps(scores + g * n + j + 8 * i, acc[g][i]);
     }
-    for (; d0 + 8 <= dh; d0 += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (j = 0; j < n; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j] * inv), _mm256_loadu_ps(v + j * dh + d0), acc);
-        _mm256_storeu_ps(o + d0, acc);
+    for (; j < n; j++)
+        for (int g = 0; g < G; g++) {
+            float s = 0.0f;
+            for (int64_t d = 0; d < dh; d++) s += qs[g * dh + d] * kt[d * stride + j];
+            scores[g * n + j] = s;
+        }
+    for (int g = 0; g < G; g++) softmax(scores + g * n, n);
+    int64_t d0 = 0;
+    for (; d0 + 8 * W <= dh; d0 += 8 * W) {  /* V: n rows of Dh values, 8 W of them a pass */
+        __m256 acc[4][4];
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < W; i++) acc[g][i] = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) {
+            const float *row = v + j * dh + d0;
+            __m256 x[4];
+            for (int i = 0; i < W; i++) x[i] = _mm256_loadu_ps(row + 8 * i);
+            for (int g = 0; g < G; g++) {
+                __m256 pj = _mm256_broadcast_ss(scores + g * n + j);
+                for (int i = 0; i < W; i++) acc[g][i] = _mm256_fmadd_ps(pj, x[i], acc[g][i]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < W; i++) _mm256_storeu_ps(o + g * dh + d0 + 8 * i, acc[g][i]);
     }
-    for (; d0 < dh; d0++) {
-        float acc = 0.0f;
-        for (j = 0; j < n; j++) acc += scores[j] * inv * v[j * dh + d0];
-        o[d0] = acc;
+    for (; d0 < dh; d0++)
+        for (int g = 0; g < G; g++) {
+            float acc = 0.0f;
+            for (j = 0; j < n; j++) acc += scores[g * n + j] * v[j * dh + d0];
+            o[g * dh + d0] = acc;
+        }
+}
+
+/* heads [h0, h0 + count) of one K/V head, four at a time (attend_group with a constant G) */
+static void attend(int64_t count, const float *q, const float *kt, const float *v, int64_t n, int64_t dh,
+                   int64_t stride, float *scores, float *o) {
+    for (int64_t done = 0; done < count;) {
+        const int64_t g = count - done < 4 ? count - done : 4;
+        const float *qg = q + done * dh;
+        float *sg = scores + done * n, *og = o + done * dh;
+        switch (g) {
+            case 1: attend_group(1, qg, kt, v, n, dh, stride, sg, og); break;
+            case 2: attend_group(2, qg, kt, v, n, dh, stride, sg, og); break;
+            case 3: attend_group(3, qg, kt, v, n, dh, stride, sg, og); break;
+            default: attend_group(4, qg, kt, v, n, dh, stride, sg, og); break;
+        }
+        done += g;
     }
 }
 
@@ -275,12 +317,10 @@ int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, con
             }
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
             for (int64_t r = 0; r < b; r++)
-                for (int64_t hh = 0; hh < H; hh++) {
-                    const int64_t g = hh / G;
-                    attend(p1 + (r * H + hh) * Dh, ly->kt + ((slots[r] * Hkv + g) * Dh) * L,
+                for (int64_t g = 0; g < Hkv; g++)  /* query heads g * G .. g * G + G - 1 share K/V head g */
+                    attend(G, p1 + (r * H + g * G) * Dh, ly->kt + ((slots[r] * Hkv + g) * Dh) * L,
                            ly->v + ((slots[r] * Hkv + g) * L) * Dh, positions[r] + 1, Dh, L,
-                           scores + (r * H + hh) * L, z + (r * H + hh) * Dh);
-                }
+                           scores + (r * H + g * G) * L, z + (r * H + g * G) * Dh);
             round_rows(z, b, H * Dh, &a);
             qlinear(&ly->op[3], &a, p1, threads, isa);
         } else {
