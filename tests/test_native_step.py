@@ -15,14 +15,30 @@ needs_step = pytest.mark.skipif(not native_step.available(), reason="lfm2vl/nati
 PROMPT = "Return the number of items in a container. Raise an error when the key is missing."
 
 
+# transformers' own tiny LFM2-VL (tests/reference.py: hidden 64, 4 heads over 2 K/V heads) with conv
+# biases (in_proj, out_proj and the conv taps), and with each grouping of query heads step.c
+# specializes (1 to 4 a K/V head; 8 is two groups of 4) at head_dim 16, 8 and 16
+TINY = {
+    "conv_biases": {"conv_bias": True},
+    "one_head_a_kv_head": {"num_key_value_heads": 4},
+    "eight_heads_one_kv_head": {"num_attention_heads": 8, "num_key_value_heads": 1},
+    "three_heads_a_kv_head": {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2},
+}
+
+
 @pytest.fixture(scope="module")
-def tiny_with_biases(tmp_path_factory):
-    """transformers' own tiny LFM2-VL with conv biases (in_proj, out_proj and the conv taps), head_dim 16."""
+def tiny(tmp_path_factory):
     import reference
 
-    folder = tmp_path_factory.mktemp("tiny_conv_bias")
-    reference.make_reference_checkpoint(folder, text={"conv_bias": True})
-    return folder
+    folders = {}
+
+    def make(name: str):
+        if name not in folders:
+            folders[name] = tmp_path_factory.mktemp(name)
+            reference.make_reference_checkpoint(folders[name], text=TINY[name])
+        return folders[name]
+
+    return make
 
 
 def _decode(model, ids, rows, native: bool, steps: int = 6, calls: list | None = None):
@@ -54,9 +70,9 @@ def _decode(model, ids, rows, native: bool, steps: int = 6, calls: list | None =
 
 @needs_step
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("source", ["bundled", "tiny_with_biases"])
-def test_the_c_decode_step_is_the_layers_step(scheme, source, request):
-    folder = None if source == "bundled" else request.getfixturevalue("tiny_with_biases")
+@pytest.mark.parametrize("source", ["bundled", *TINY])
+def test_the_c_decode_step_is_the_layers_step(scheme, source, tiny):
+    folder = None if source == "bundled" else tiny(source)
     model = lfm2vl.load(folder, quantize=scheme)
     assert model.module.language_model.decode_step is quant_step.native_decode
     ids = torch.tensor([model.processor.text_tokenizer.encode(PROMPT * 2)])

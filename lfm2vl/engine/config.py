@@ -16,9 +16,10 @@ class EngineConfig:
     max_len: int | None = None  # positions per slot (prompt + generated); None = the model's context
     initial_len: int = 512  # the cache starts this long per slot and doubles when a request needs more
     token_budget: int = 512  # tokens per step: the decode rows plus one prefill chunk
-    # ... when no request is decoding (no stream waits on the step): fewer, larger chunks, which matters
-    # most for quantized weights (each chunk widens every weight once; docs/performance.md)
-    solo_token_budget: int = 2048
+    # ... when no request is decoding (no stream waits on the step). Not larger on a CPU: each chunk's
+    # activations are the request's peak memory (1.6B int8 image question: 1,951-1,976 MB at 512
+    # against 2,136-2,189 at 2,048, three runs each, no slower; docs/performance.md)
+    solo_token_budget: int = 512
     min_chunk: int = 32  # a prefill chunk is never smaller, however many rows decode
     image_cache_mb: float = 256.0
     prefix_cache_mb: float = 512.0
@@ -37,7 +38,8 @@ class EngineConfig:
     def for_device(cls, device: torch.device | str, **overrides: Any) -> EngineConfig:
         """Defaults per device: a CPU batches a few rows; a GPU many, with larger steps and caches."""
         if torch.device(device).type == "cuda":
-            base = cls(max_slots=32, initial_len=2048, token_budget=2048, image_cache_mb=1024, prefix_cache_mb=4096)
+            base = cls(max_slots=32, initial_len=2048, token_budget=2048, solo_token_budget=2048, image_cache_mb=1024,
+                       prefix_cache_mb=4096)
         else:
             base = cls()
         return replace(base, **overrides)
