@@ -3,6 +3,7 @@
 memory after loading.
 
     python benchmarks/bench_decode.py [--quantize int8|int4] [--dtype bfloat16] [--context 1300]
+    LFM2VL_NATIVE_STEP=0 python benchmarks/bench_decode.py --quantize int8   # torch's layers around the kernels
 
 Uses `lfm2vl bench`'s random-weight preset (built once in ~/.cache/lfm2vl/bench). Prints the CPU's
 flags, then one JSON line: min and median ms/step of 8 blocks of 10 steps (this machine's noise is
