@@ -128,6 +128,34 @@ def test_what_the_c_step_was_not_written_for_keeps_torchs_layers(monkeypatch):
 
 
 @needs_step
+def test_the_c_step_follows_weights_written_in_place_and_the_model_still_copies():
+    import copy
+    import pickle
+
+    model = lfm2vl.load(quantize="int8", dtype="bfloat16")  # its table holds float32 copies of the norms
+    net, text = model.module, model.module.language_model
+    ids = torch.tensor([model.processor.text_tokenizer.encode(PROMPT)])
+    cache, token = net.make_cache(1, 64), torch.tensor([[5]])
+    with torch.inference_mode():
+        net.forward(ids, cache=cache.view([0], ids.shape[1]), logits_to_keep=1)
+        net.forward(token, cache=cache.view([0], 1))  # the C step, its table built
+    assert text.decode_state is not None
+    with torch.no_grad():
+        text.embedding_norm.weight.mul_(3)
+        text.layers[0].ffn_norm.weight.mul_(0.5)
+    twin = copy.deepcopy(cache)
+    with torch.inference_mode():
+        got = net.forward(token, cache=cache.view([0], 1))[0, -1].float()  # the same cache: a table kept?
+        text.decode_step = None
+        expected = net.forward(token, cache=twin.view([0], 1))[0, -1].float()  # torch's layers
+    text.decode_step = quant_step.native_decode
+    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+    clone = copy.deepcopy(model.module)  # the table's raw pointers stay behind
+    assert clone.language_model.decode_state is None and text.decode_state is not None
+    assert pickle.loads(pickle.dumps(model.module)).language_model.decode_state is None
+
+
+@needs_step
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_generation_with_the_c_step_is_generation_without_it(scheme, monkeypatch):
     questions = [[{"role": "user", "content": [{"type": "image", "image": f"examples/{name}.png"},

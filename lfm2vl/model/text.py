@@ -208,6 +208,9 @@ class TextModel(nn.Module):
         self.decode_state = None  # it may point at the tensors a move or cast replaces
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "decode_state": None}  # raw pointers: not for a copy or a pickle
+
     def forward(
         self, embeds: torch.Tensor, key_mask: torch.Tensor | None = None, cache: CacheView | None = None
     ) -> torch.Tensor:

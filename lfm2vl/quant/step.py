@@ -103,19 +103,31 @@ def _table(text: nn.Module, view: CacheView) -> native_step.Table | None:
     return native_step.Table(model, layers, held.keep)
 
 
+def _version(t: torch.Tensor) -> int:
+    """t's count of in-place writes (-1 for an inference tensor, which keeps none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _fingerprint(text: nn.Module, view: CacheView) -> list[int]:
     """What the table depends on: every module of every layer (two levels down: the projections and
     norms) and where its tensors live, the cache and where its tensors live. Any change (a cast or
-    move, a replaced layer, a grown cache) changes it. Plain dict walks: ~0.1 ms for the 450M, where
+    move, a weight written in place, a replaced layer, a grown cache) changes it. Plain dict walks: ~0.1 ms for the 450M, where
     filling the table takes 1.6 ms. The table holds the weights it points at (a move or cast drops it:
     TextModel._apply), not the cache's tensors, whose addresses are checked here every step."""
-    out = [id(view.cache), view.cache.max_len, text.embedding_norm.weight.data_ptr()]
+    final = text.embedding_norm.weight
+    out = [id(view.cache), view.cache.max_len, final.data_ptr(), _version(final)]
     for layer in text.layers._modules.values():
         for m in layer._modules.values():
             for s in (m, *m._modules.values()):
                 out.append(id(s))
-                out += [0 if t is None else t.data_ptr() for t in s._buffers.values()]
-                out += [0 if t is None else t.data_ptr() for t in s._parameters.values()]
+                for t in (*s._buffers.values(), *s._parameters.values()):
+                    # where it lives, and how often it was written in place (a bf16 model's table
+                    # holds float32 copies of its small weights: a load_state_dict into place must
+                    # renew them)
+                    out += (0, 0) if t is None else (t.data_ptr(), _version(t))
     cache = view.cache
     for states in (cache.kt, cache.v, cache.conv):
         out += [t.data_ptr() for t in states.values()]
@@ -130,10 +142,10 @@ def native_decode(text: nn.Module, embeds: torch.Tensor, view: CacheView) -> tor
             or embeds.dtype not in (F32, torch.bfloat16) or embeds.device.type != "cpu" or not native_step.available()
             or os.environ.get("LFM2VL_NATIVE_STEP", "1") == "0"):
         return None
-    key = _fingerprint(text, view)
-    if text.decode_state is None or text.decode_state[0] != key:
-        text.decode_state = (key, _table(text, view))
-    table = text.decode_state[1]
+    key, state = _fingerprint(text, view), text.decode_state
+    if state is None or state[0] != key:
+        state = text.decode_state = (key, _table(text, view))
+    table = state[1]  # this call's own (another thread may decode another cache beside it)
     if table is None:
         return None
     starts = [view.cache.host_lengths[r] for r in view.rows]
