@@ -34,6 +34,7 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
     "int8_rows": ([_PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _INT], _INT),
     "int4_rows": ([_PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
+    "decode_step": ([_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _INT], _INT),  # step.c (its tables: step.py)
 }
 ISAS = {2: "AVX512-VNNI", 1: "AVX2"}  # kernels.c's kernels_isa()
 INT4_BLOCKS = (32, 64)  # the int4 packings int4_rows reads: torch's AVX2 and AVX-512 ones (lfm2vl/quant/int4.py)

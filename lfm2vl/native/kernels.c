@@ -300,60 +300,90 @@ HIDDEN void int4_rows_vnni(const int8_t *xq, const float *xs, const float *xsum,
 
 #ifdef HAVE_AVX2
 
+/* ---- the kernels as a whole: activations rounded once, then any number of weights ---- */
+
+int rounded_alloc(rounded_t *a, int64_t m, int64_t k) {
+    const size_t groups = (size_t)(m * k / 32);
+    a->xq = malloc((size_t)(m * k));
+    a->xs = malloc(sizeof(float) * groups), a->xs16 = malloc(sizeof(float) * groups * 8);
+    a->xsum = malloc(sizeof(float) * groups);
+    a->m = m, a->k = k;
+    if (a->xq && a->xs && a->xs16 && a->xsum) return 0;
+    rounded_free(a);
+    return -1;
+}
+
+void rounded_free(rounded_t *a) {
+    free(a->xq), free(a->xs), free(a->xs16), free(a->xsum);
+    a->xq = NULL, a->xs = a->xs16 = a->xsum = NULL;
+}
+
+void round_rows(const void *x, int x_bf16, int64_t m, int64_t k, rounded_t *a) {
+    const int64_t groups = m * k / 32;
+    quantize_groups(x, x_bf16, m, k, a->xq, a->xs, a->xsum);
+    for (int64_t g = 0; g < groups; g++)
+        for (int i = 0; i < 8; i++) a->xs16[g * 8 + i] = a->xs[g];
+    a->m = m, a->k = k;
+}
+
+void int8_times(const rounded_t *a, const int8_t *w, const float *w_scale, float *y, int64_t n, int threads, int isa) {
+#ifdef HAVE_VNNI
+    if (isa == 2) {
+        int8_rows_vnni(a->xq, a->xs16, w, w_scale, y, a->m, n, a->k, threads);
+        return;
+    }
+#endif
+    (void)isa; /* without VNNI there is one kernel */
+    int8_rows_avx2(a->xq, a->xs16, w, w_scale, y, a->m, n, a->k, threads);
+}
+
+void int4_times(const rounded_t *a, const uint8_t *w, const uint16_t *scales_zeros, float *y, int64_t n, int64_t block,
+                int threads, int isa) {
+#ifdef HAVE_VNNI
+    if (isa == 2 && block == 64) {
+        int4_rows_vnni(a->xq, a->xs, a->xsum, w, scales_zeros, y, a->m, n, a->k, threads);
+        return;
+    }
+#endif
+    (void)isa;
+    int4_rows_avx2(a->xq, a->xs, a->xsum, w, scales_zeros, y, a->m, n, a->k, block, threads);
+}
+
 /* x (m, k) float32 (bfloat16 where x_bf16) @ (w (n, k) int8 * w_scale (n,) float32, or bfloat16 where
  * scale_bf16)^T -> y (m, n) float32, k % 32 == 0; isa: 2 for the VNNI kernel, 1 for the AVX2 one.
  * Returns 0, or -1 without memory for the scratch. */
 int int8_rows(const void *x, int x_bf16, const int8_t *w, const void *w_scale, int scale_bf16, float *y, int64_t m,
               int64_t n, int64_t k, int threads, int isa) {
-    const int64_t groups = k / 32;
-    (void)isa; /* without VNNI there is one kernel */
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xs = malloc(sizeof(float) * (size_t)(m * groups)), *xs16 = malloc(sizeof(float) * (size_t)(m * groups * 8));
+    rounded_t a;
     float *scale32 = scale_bf16 ? malloc(sizeof(float) * (size_t)n) : NULL;
-    int status = -1;
-    if (xq && xs && xs16 && (scale32 || !scale_bf16)) {
-        quantize_groups(x, x_bf16, m, k, xq, xs, NULL);
-        for (int64_t r = 0; r < m * groups; r++)
-            for (int i = 0; i < 8; i++) xs16[r * 8 + i] = xs[r];
-        const float *ws = w_scale;
-        if (scale_bf16) {
-            for (int64_t j = 0; j < n; j++) {
-                uint32_t bits = (uint32_t)((const uint16_t *)w_scale)[j] << 16;
-                memcpy(scale32 + j, &bits, 4);
-            }
-            ws = scale32;
-        }
-#ifdef HAVE_VNNI
-        if (isa == 2) int8_rows_vnni(xq, xs16, w, ws, y, m, n, k, threads);
-        else
-#endif
-        int8_rows_avx2(xq, xs16, w, ws, y, m, n, k, threads);
-        status = 0;
+    if (rounded_alloc(&a, m, k) != 0 || (scale_bf16 && !scale32)) {
+        rounded_free(&a), free(scale32);
+        return -1;
     }
-    free(xq), free(xs), free(xs16), free(scale32);
-    return status;
+    round_rows(x, x_bf16, m, k, &a);
+    const float *ws = w_scale;
+    if (scale_bf16) {
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t bits = (uint32_t)((const uint16_t *)w_scale)[j] << 16;
+            memcpy(scale32 + j, &bits, 4);
+        }
+        ws = scale32;
+    }
+    int8_times(&a, w, ws, y, n, threads, isa);
+    rounded_free(&a), free(scale32);
+    return 0;
 }
 
 /* x (m, k) float32 (bfloat16 where x_bf16) @ W^T -> y (m, n) float32 for an int4 weight in torch's
  * packing of `block` rows (32 or 64; the VNNI kernel reads 64) and its (k / 32, n, 2) bf16 scales. */
 int int4_rows(const void *x, int x_bf16, const uint8_t *w, const uint16_t *scales_zeros, float *y, int64_t m,
               int64_t n, int64_t k, int64_t block, int threads, int isa) {
-    const int64_t groups = k / 32;
-    (void)isa;
-    int8_t *xq = malloc((size_t)(m * k));
-    float *xs = malloc(sizeof(float) * (size_t)(m * groups)), *xsum = malloc(sizeof(float) * (size_t)(m * groups));
-    int status = -1;
-    if (xq && xs && xsum) {
-        quantize_groups(x, x_bf16, m, k, xq, xs, xsum);
-#ifdef HAVE_VNNI
-        if (isa == 2 && block == 64) int4_rows_vnni(xq, xs, xsum, w, scales_zeros, y, m, n, k, threads);
-        else
-#endif
-        int4_rows_avx2(xq, xs, xsum, w, scales_zeros, y, m, n, k, block, threads);
-        status = 0;
-    }
-    free(xq), free(xs), free(xsum);
-    return status;
+    rounded_t a;
+    if (rounded_alloc(&a, m, k) != 0) return -1;
+    round_rows(x, x_bf16, m, k, &a);
+    int4_times(&a, w, scales_zeros, y, n, block, threads, isa);
+    rounded_free(&a);
+    return 0;
 }
 
 #endif /* HAVE_AVX2 */

@@ -45,6 +45,25 @@ HIDDEN void int8_rows_avx2(const int8_t *xq, const float *xs16, const int8_t *w,
 HIDDEN void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
                            const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int64_t block,
                            int threads);
+
+/* activations rounded to int8 per group of 32 (quantize_groups), the form every kernel reads:
+ * xq (m, k), xs and xsum (m, k / 32), xs16 (m, k / 4: each scale 8 times, the int8 kernels' lanes) */
+typedef struct {
+    int8_t *xq;
+    float *xs, *xs16, *xsum;
+    int64_t m, k;
+} rounded_t;
+
+/* scratch for m rows of k (0, or -1 without memory: then nothing is held) */
+HIDDEN int rounded_alloc(rounded_t *a, int64_t m, int64_t k);
+HIDDEN void rounded_free(rounded_t *a);
+/* x (m, k) float32 (bfloat16 where x_bf16) rounded into a (allocated for at least m * k) */
+HIDDEN void round_rows(const void *x, int x_bf16, int64_t m, int64_t k, rounded_t *a);
+/* y (a.m, n) = a @ W^T, with the kernel for `isa` (2: VNNI, 1: AVX2) and, for int4, the packing */
+HIDDEN void int8_times(const rounded_t *a, const int8_t *w, const float *w_scale, float *y, int64_t n, int threads,
+                       int isa);
+HIDDEN void int4_times(const rounded_t *a, const uint8_t *w, const uint16_t *scales_zeros, float *y, int64_t n,
+                       int64_t block, int threads, int isa);
 #endif
 
 #if defined(HAVE_VNNI) && defined(HAVE_AVX2)

@@ -69,37 +69,10 @@ typedef struct {
     const layer_t *layers;
 } model_t;
 
-/* activations rounded to int8 per group of 32, the form the kernels read */
-typedef struct {
-    int8_t *xq;
-    float *xs, *xs16, *xsum;
-    int64_t m, k;
-} rounded_t;
-
-static void round_rows(const float *x, int64_t m, int64_t k, rounded_t *a) {
-    const int64_t groups = m * k / 32;
-    quantize_groups(x, 0, m, k, a->xq, a->xs, a->xsum);
-    for (int64_t g = 0; g < groups; g++)
-        for (int i = 0; i < 8; i++) a->xs16[g * 8 + i] = a->xs[g];
-    a->m = m, a->k = k;
-}
-
-/* y (m, n) = a @ W^T (+ bias): kernels.c's int8_rows / int4_rows without their quantizing */
+/* y (m, n) = a @ W^T (+ bias) */
 static void qlinear(const qlinear_t *l, const rounded_t *a, float *y, int threads, int isa) {
-    if (l->kind == 1) {
-#ifdef HAVE_VNNI
-        if (isa == 2) int8_rows_vnni(a->xq, a->xs16, l->w, l->scale, y, a->m, l->n, l->k, threads);
-        else
-#endif
-        int8_rows_avx2(a->xq, a->xs16, l->w, l->scale, y, a->m, l->n, l->k, threads);
-    } else {
-#ifdef HAVE_VNNI
-        if (isa == 2 && l->block == 64) int4_rows_vnni(a->xq, a->xs, a->xsum, l->w, l->scale, y, a->m, l->n, l->k, threads);
-        else
-#endif
-        int4_rows_avx2(a->xq, a->xs, a->xsum, l->w, l->scale, y, a->m, l->n, l->k, l->block, threads);
-    }
-    (void)isa;
+    if (l->kind == 1) int8_times(a, l->w, l->scale, y, l->n, threads, isa);
+    else int4_times(a, l->w, l->scale, y, l->n, l->block, threads, isa);
     if (l->bias)
         for (int64_t r = 0; r < a->m; r++)
             for (int64_t j = 0; j < l->n; j++) y[r * l->n + j] += l->bias[j];
@@ -287,15 +260,15 @@ int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, con
     float *p1 = malloc(sizeof(float) * (size_t)(b * wide)), *p2 = malloc(sizeof(float) * (size_t)(b * wide));
     float *p3 = malloc(sizeof(float) * (size_t)(b * wide)), *z = malloc(sizeof(float) * (size_t)(b * deep));
     float *scores = malloc(sizeof(float) * (size_t)(b * H * L));
-    rounded_t a = {malloc((size_t)(b * deep)), malloc(sizeof(float) * (size_t)(b * deep / 32)),
-                   malloc(sizeof(float) * (size_t)(b * deep / 4)), malloc(sizeof(float) * (size_t)(b * deep / 32)), 0, 0};
+    rounded_t a;  /* every layer's input, rounded: at most B rows of the widest input */
+    const int have_a = rounded_alloc(&a, b, deep) == 0;
     int status = -1;
-    if (!(x && h && p1 && p2 && p3 && z && scores && a.xq && a.xs && a.xs16 && a.xsum)) goto done;
+    if (!(x && h && p1 && p2 && p3 && z && scores && have_a)) goto done;
     memcpy(x, x_in, sizeof(float) * (size_t)(b * D));
     for (int64_t li = 0; li < md->n_layers; li++) {
         const layer_t *ly = &md->layers[li];
         rms_norm(x, ly->operator_norm, h, b, D, md->eps);
-        round_rows(h, b, D, &a);
+        round_rows(h, 0, b, D, &a);
         if (ly->attention) {
             const int64_t G = H / Hkv;
             qlinear(&ly->op[0], &a, p1, threads, isa);  /* q (B, H * Dh) */
@@ -321,7 +294,7 @@ int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, con
                     attend(G, p1 + (r * H + g * G) * Dh, ly->kt + ((slots[r] * Hkv + g) * Dh) * L,
                            ly->v + ((slots[r] * Hkv + g) * L) * Dh, positions[r] + 1, Dh, L,
                            scores + (r * H + g * G) * L, z + (r * H + g * G) * Dh);
-            round_rows(z, b, H * Dh, &a);
+            round_rows(z, 0, b, H * Dh, &a);
             qlinear(&ly->op[3], &a, p1, threads, isa);
         } else {
             qlinear(&ly->op[0], &a, p1, threads, isa);  /* (B, 3D): B, C, x */
@@ -344,17 +317,17 @@ int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, con
                     z[r * D + c] = gc[c] * y;
                 }
             }
-            round_rows(z, b, D, &a);
+            round_rows(z, 0, b, D, &a);
             qlinear(&ly->op[1], &a, p1, threads, isa);
         }
         for (int64_t i = 0; i < b * D; i++) x[i] += p1[i];
         rms_norm(x, ly->ffn_norm, h, b, D, md->eps);
-        round_rows(h, b, D, &a);
+        round_rows(h, 0, b, D, &a);
         const int64_t F = ly->w1.n;
         qlinear(&ly->w1, &a, p1, threads, isa);
         qlinear(&ly->w3, &a, p2, threads, isa);
         silu_mul(p1, p2, b * F);
-        round_rows(p1, b, F, &a);
+        round_rows(p1, 0, b, F, &a);
         qlinear(&ly->w2, &a, p2, threads, isa);
         for (int64_t i = 0; i < b * D; i++) x[i] += p2[i];
     }
@@ -362,7 +335,7 @@ int decode_step(const model_t *md, const float *x_in, float *out, int64_t b, con
     status = 0;
 done:
     free(x), free(h), free(p1), free(p2), free(p3), free(z), free(scores);
-    free(a.xq), free(a.xs), free(a.xs16), free(a.xsum);
+    if (have_a) rounded_free(&a);
     return status;
 }
 

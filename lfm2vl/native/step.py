@@ -32,10 +32,6 @@ class Model(ctypes.Structure):
                 ("final_norm", _P), ("cos", _P), ("sin", _P), ("layers", ctypes.POINTER(Layer))]
 
 
-def ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 @dataclass
 class Table:
     """A filled Model structure and the weights it points at (kept alive while it is used)."""
@@ -46,23 +42,18 @@ class Table:
 
 
 def available() -> bool:
-    lib = library()
-    return lib is not None and hasattr(lib, "decode_step")
+    return library() is not None
 
 
 def decode_step(table: Table, x: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
     """x (B, D) float32 -> (B, D) float32 after the final norm; writes each row's K/V at its position
     and its conv states, through the table's pointers."""
     lib = library()
-    fn = lib.decode_step
-    if fn.argtypes is None:
-        fn.argtypes = [ctypes.POINTER(Model), _P, _P, _I64, _P, _P, ctypes.c_int, ctypes.c_int]
-        fn.restype = ctypes.c_int
     x = x.contiguous()
     out = torch.empty_like(x)
     b = x.shape[0]
     rows = (_I64 * (2 * b))(*slots, *positions)
-    status = fn(ctypes.byref(table.model), x.data_ptr(), out.data_ptr(), b, ctypes.addressof(rows),
+    status = lib.decode_step(ctypes.addressof(table.model), x.data_ptr(), out.data_ptr(), b, ctypes.addressof(rows),
                 ctypes.addressof(rows) + 8 * b, torch.get_num_threads(), lib.isa)
     if status == -1:
         raise MemoryError("lfm2vl/native: no memory for the decode step's scratch")

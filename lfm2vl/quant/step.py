@@ -51,13 +51,15 @@ def _linear(layer: nn.Module, held: _Tensors) -> native_step.QLinear | None:
     """step.c's view of one quantized layer, or None for a layer it does not take."""
     from . import Int8Linear
 
-    if type(layer) not in (Int8Linear, Int4Linear) or layer.in_features % 32 or not _cpu(layer.qweight, torch.int8, torch.uint8):
+    if type(layer) not in (Int8Linear, Int4Linear) or layer.in_features % 32:
         return None
     if type(layer) is Int8Linear:
+        if not _cpu(layer.qweight, torch.int8):
+            return None
         return native_step.QLinear(native_step.INT8, 0, layer.out_features, layer.in_features, 0,
                                    held.own(layer.qweight), held.f32(layer.scale), held.f32(layer.bias))
     block = int4_block()
-    if block not in INT4_BLOCKS or not _cpu(layer.scales_zeros, torch.bfloat16):
+    if block not in INT4_BLOCKS or not _cpu(layer.qweight, torch.uint8) or not _cpu(layer.scales_zeros, torch.bfloat16):
         return None
     return native_step.QLinear(native_step.INT4, 0, layer.out_features, layer.in_features, block,
                                held.own(layer.qweight), held.own(layer.scales_zeros), held.f32(layer.bias))
@@ -114,9 +116,10 @@ def _version(t: torch.Tensor) -> int:
 def _fingerprint(text: nn.Module, view: CacheView) -> list[int]:
     """What the table depends on: every module of every layer (two levels down: the projections and
     norms) and where its tensors live, the cache and where its tensors live. Any change (a cast or
-    move, a weight written in place, a replaced layer, a grown cache) changes it. Plain dict walks: ~0.1 ms for the 450M, where
-    filling the table takes 1.6 ms. The table holds the weights it points at (a move or cast drops it:
-    TextModel._apply), not the cache's tensors, whose addresses are checked here every step."""
+    move, a weight written in place, a replaced layer, a grown cache) changes it. Plain dict walks,
+    where filling the table takes 1.6 ms for the 450M. The table holds the weights it points at (a
+    move or cast drops it: TextModel._apply), not the cache's tensors, whose addresses are checked
+    here every step."""
     final = text.embedding_norm.weight
     out = [id(view.cache), view.cache.max_len, final.data_ptr(), _version(final)]
     for layer in text.layers._modules.values():
