@@ -28,13 +28,15 @@ def kernels(model: Any) -> dict[str, Any]:
         out["bfloat16_fused_epilogue"] = onednn_bfloat16()
         if model.quantization is not None:
             dtype = str(model.dtype).removeprefix("torch.")
+            isa = native.isa()
             if not int8_matmul_available():
-                out["int8_prompt_rows"] = f"widened to {dtype} (no fast exact int8 matmul here: no VNNI or AMX)"
+                out["int8_prompt_rows"] = ("lfm2vl native int8 x int8 GEMM (AVX2, rows rounded to 7 bits)"
+                                           if isa and model.dtype == torch.float32 else
+                                           f"widened to {dtype} (no VNNI or AMX, and no lfm2vl native GEMM for it)")
             elif int8_prompt_products(model.dtype, AMX_WIDEN_ROWS):  # only long chunks may widen
                 out["int8_prompt_rows"] = "int8 x int8"
             else:
                 out["int8_prompt_rows"] = f"int8 x int8 below {AMX_WIDEN_ROWS} rows, widened to {dtype} from {AMX_WIDEN_ROWS}"
-            isa = native.isa()
             out["int8_decode_rows"] = f"lfm2vl native int8 x int8 ({isa})" if isa else f"torch GEMV ({native.why_not()})"
             if model.quantization == "int4":
                 native_int4 = isa is not None and int4_block() in native.INT4_BLOCKS

@@ -1,6 +1,7 @@
-"""lfm2vl's own CPU kernels for decode rows of quantized layers (kernels.c), built once per machine with
-the system C compiler and loaded with ctypes: AVX512-VNNI ones where the CPU has it, AVX2 + FMA ones
-elsewhere on x86. Where there is no compiler, the build fails, or the CPU has neither, `library()` is
+"""lfm2vl's own CPU kernels for quantized layers, built once per machine with the system C compiler and
+loaded with ctypes: for decode rows (kernels.c; the whole decode step, step.c), AVX512-VNNI ones where
+the CPU has it, AVX2 + FMA ones elsewhere on x86; and an int8 GEMM for prompt rows on AVX2 CPUs
+without VNNI (gemm.c). Where there is no compiler, the build fails, or the CPU has neither, `library()` is
 None (`why_not()` says why) and the layers keep torch's kernels. Why, and what they compute: kernels.c.
 
 The library is built with -march=native for this CPU and cached in ~/.cache/lfm2vl/native/
@@ -26,7 +27,7 @@ import torch
 
 from ..cpu import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "step.c"))  # compiled together
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "step.c", "gemm.c"))  # compiled together
 HEADERS = (Path(__file__).with_name("kernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c11", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
@@ -34,6 +35,7 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
     "int8_rows": ([_PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _INT], _INT),
     "int4_rows": ([_PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
+    "int8_gemm": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT], _INT),  # gemm.c: prompt rows on AVX2
     "decode_step": ([_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _INT], _INT),  # step.c (its tables: step.py)
 }
 ISAS = {2: "AVX512-VNNI", 1: "AVX2"}  # kernels.c's kernels_isa()
@@ -96,7 +98,7 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _why_not.append(f"could not build lfm2vl/native/ (kernels.c, step.c): {e}")
+        _why_not.append(f"could not build lfm2vl/native/ ({', '.join(p.name for p in SOURCES)}): {e}")
         return None
     lib.kernels_isa.restype = ctypes.c_int
     lib.isa = min(lib.kernels_isa(), 1 if setting == "avx2" else 2)
@@ -147,6 +149,22 @@ def int8_rows(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     y = torch.empty(m, n, dtype=torch.float32)
     _check(lib.int8_rows(x2.data_ptr(), x_bf16, qweight.contiguous().data_ptr(), scale.contiguous().data_ptr(),
                          int(scale.dtype == torch.bfloat16), y.data_ptr(), m, n, k, torch.get_num_threads(), lib.isa))
+    return y
+
+
+def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x2 (M, in) float32 @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) float32 for prompt
+    rows, each row rounded to 7 bits of its own max (gemm.c), or None where the kernels are not built
+    or do not take this layer (in % 32, another dtype)."""
+    lib = library()
+    k = x2.shape[-1]
+    if lib is None or k % 32 or x2.dtype != torch.float32 or qweight.device.type != "cpu":
+        return None
+    x2, qweight = x2.contiguous(), qweight.contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
+    _check(lib.int8_gemm(x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0],
+                         qweight.shape[0], k, torch.get_num_threads()))
     return y
 
 

@@ -13,8 +13,12 @@ than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbo
   EPYC) where a C compiler built it for a CPU with AVX512-VNNI or AVX2, else torch's int8 weight-only GEMV
   (`_weight_int8pack_mm`; activations in bf16 whatever the compute dtype, its float32 path is not
   vectorized: 1.8 against 9.7-12 G weights/s);
-- more decode rows, prompt rows where torch's CPU int8 matmul is missing, inexact or slow (no VNNI
-  or AMX: `int8_matmul_available`; however few), and chunks of AMX_WIDEN_ROWS or more bf16
+- prompt and image rows on CPUs with AVX2 but no VNNI or AMX (where torch._int_mm is slow:
+  `int8_matmul_available`), in float32: lfm2vl's own int8 x int8 GEMM (lfm2vl/native/gemm.c), each
+  row rounded to 7 bits of its own max (AVX2's vpmaddubsw pairs would saturate at 8), exact int32
+  sums; 1.5-1.9x the float32 GEMM on a 2-core AVX2 EPYC (docs/performance.md);
+- more decode rows, prompt rows where neither int8 path runs (no VNNI or AMX, and no native GEMM:
+  not built, or bf16 / float16 rows; however few), and chunks of AMX_WIDEN_ROWS or more bf16
   prompt rows on CPUs with AMX-BF16 (faster there: `int8_prompt_products`): the int8 weight times
   its scale is widened to the compute dtype a block of rows at a time and multiplied there
   (`widened_linear`), which may round a row differently at some row counts (oneDNN's bf16 matmul).
@@ -181,6 +185,8 @@ class Int8Linear(_QuantizedLinear):
         y = None
         if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
+        elif prompt and cpu and not int8_matmul_available():
+            y = native.int8_gemm(x2, self.qweight, self.scale)  # AVX2 without VNNI (None: not built, or bf16)
         elif not prompt and cpu and few:
             y = native.int8_rows(x2, self.qweight, self.scale)  # lfm2vl's kernel (None: not built here)
             if y is None:  # torch's GEMV: bf16 activations whatever the compute dtype (its float32 path is slow)
