@@ -1,13 +1,14 @@
 """lfm2vl's int8 x int8 GEMM for prompt rows on AVX2 CPUs without VNNI (lfm2vl/native/gemm.c): each row
-rounded to 7 bits of its own max, products summed exactly in int32, the same bits whatever the rows
-beside it, the tile edges or the threads; and the int8 layers take it for prompt rows exactly there."""
+rounded to int8 of its own max, products summed exactly in int32, the same bits as the VNNI CPUs'
+path (int8_dynamic_linear) whatever the rows beside it, the tile edges or the threads; and the int8
+layers take it for prompt rows exactly there."""
 
 import pytest
 import torch
 
 import lfm2vl.quant as quant
 from lfm2vl import native
-from lfm2vl.quant import Int8Linear, quantize_weight
+from lfm2vl.quant import Int8Linear, int8_dynamic_linear, int8_matmul_exact, quantize_weight
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason=f"kernels not built: {native.why_not()}")
 
@@ -18,31 +19,33 @@ def _layer(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _expected(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """What gemm.c computes, in torch: q = round(x / s) with s = max|x| / 63 (float32, nearest even),
-    exact integer sums, then s * w_scale * sum in float32 in that order."""
-    s = x.abs().amax(-1, keepdim=True) / 63  # (M, 1)
-    q = torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1)), 0)
-    sums = (q.double() @ qweight.double().t()).float()  # exact: |sums| < 2^53
-    return s * scale * sums
+    """What gemm.c computes, in torch: q = round(x / s) with s = max(max|x|, 1e-12) / 127 (float32,
+    nearest even), exact integer sums, then float32(sum) * s * w_scale in that order."""
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (M, 1)
+    sums = (torch.round(x / s).double() @ qweight.double().t()).float()  # exact: |sums| < 2^53
+    return sums * s * scale
 
 
 @needs_kernels
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (2, 3, 64), (3, 64, 96), (4, 65, 768), (7, 130, 160),
                                    (130, 127, 1024), (512, 192, 3072)])
-def test_int8_gemm_multiplies_the_weight_by_rows_rounded_to_7_bits(m, n, k):
+def test_int8_gemm_multiplies_the_weight_by_rows_rounded_to_int8(m, n, k):
     """Every edge of the tiling (3 rows x 2 weight rows, blocks of 64 weight rows): row and weight counts
-    around them; the result is the emulation's bits exactly."""
+    around them; the result is the emulation's bits exactly, and int8_dynamic_linear's (the VNNI CPUs'
+    path, where torch._int_mm is exact here: slow on AVX2, but exact)."""
     qweight, scale = _layer(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 2, m)[:, None]
     got = native.int8_gemm(x, qweight, scale)
     assert got.shape == (m, n) and got.dtype == torch.float32
     assert torch.equal(got, _expected(x, qweight, scale))
+    if int8_matmul_exact():
+        assert torch.equal(got, int8_dynamic_linear(x, qweight, scale))
 
 
 @needs_kernels
 def test_int8_gemm_extremes_do_not_saturate():
     """Activations at +-max and weights at +-127 everywhere: the largest pairs AVX2's vpmaddubsw sums in
-    int16 (2 x 127 x 127 with the +64 offset), which 8-bit activations would overflow."""
+    int16 with saturation (2 x 127 x 127, below 2^15), with every combination of signs."""
     k, n = 256, 6
     qweight = torch.full((n, k), 127, dtype=torch.int8)
     qweight[1::2] = -127
@@ -57,7 +60,7 @@ def test_int8_gemm_extremes_do_not_saturate():
     got = native.int8_gemm(x, qweight, scale)
     assert torch.equal(got, _expected(x, qweight, scale))
     assert not got[3].any()
-    assert got[0, 0] == pytest.approx(63 * 127 * k * (1 / 63) * 0.01, rel=1e-6)
+    assert got[0, 0] == pytest.approx(127 * 127 * k * (1 / 127) * 0.01, rel=1e-6)
 
 
 @needs_kernels

@@ -30,7 +30,7 @@ def kernels(model: Any) -> dict[str, Any]:
             dtype = str(model.dtype).removeprefix("torch.")
             isa = native.isa()
             if not int8_matmul_available():
-                out["int8_prompt_rows"] = ("lfm2vl native int8 x int8 GEMM (AVX2, rows rounded to 7 bits)"
+                out["int8_prompt_rows"] = ("lfm2vl native int8 x int8 GEMM (AVX2)"
                                            if isa and model.dtype == torch.float32 else
                                            f"widened to {dtype} (no VNNI or AMX, and no lfm2vl native GEMM for it)")
             elif int8_prompt_products(model.dtype, AMX_WIDEN_ROWS):  # only long chunks may widen
