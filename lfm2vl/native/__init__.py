@@ -155,10 +155,10 @@ def int8_rows(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x2 (M, in) float32 @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) float32 for prompt
     rows, each rounded to int8 of its own max (gemm.c; the bits of lfm2vl.quant's int8_dynamic_linear),
-    or None where the kernels are not built or do not take this layer (in % 32, another dtype)."""
+    or None where the kernels are not built or the rows are not float32 on the CPU."""
     lib = library()
     k = x2.shape[-1]
-    if lib is None or k % 32 or x2.dtype != torch.float32 or qweight.device.type != "cpu":
+    if lib is None or x2.dtype != torch.float32 or qweight.device.type != "cpu":
         return None
     x2, qweight = x2.contiguous(), qweight.contiguous()
     scale = scale.to(torch.float32).contiguous()

@@ -39,16 +39,18 @@ static inline int32_t hsum8i(__m256i v) {
 static void round_whole_rows(const float *x, int64_t m, int64_t k, int8_t *xq, float *xs, int threads) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int64_t whole = k / 32 * 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < m; r++) {
         const float *row = x + r * k;
         __m256 top = _mm256_setzero_ps();
-        for (int64_t i = 0; i < k; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(row + i), magnitude));
-        const float biggest = hmax8(top);
+        for (int64_t i = 0; i < whole; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(row + i), magnitude));
+        float biggest = hmax8(top);
+        for (int64_t i = whole; i < k; i++) biggest = fabsf(row[i]) > biggest ? fabsf(row[i]) : biggest;
         const float scale = (biggest > 1e-12f ? biggest : 1e-12f) / 127.0f;
         xs[r] = scale;
         const __m256 divisor = _mm256_set1_ps(scale);
-        for (int64_t i = 0; i < k; i += 32) { /* 4 x 8 floats -> 32 bytes */
+        for (int64_t i = 0; i < whole; i += 32) { /* 4 x 8 floats -> 32 bytes */
             __m256i q[4];
             for (int j = 0; j < 4; j++)
                 q[j] = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + i + 8 * j), divisor));
@@ -56,17 +58,20 @@ static void round_whole_rows(const float *x, int64_t m, int64_t k, int8_t *xq, f
             __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), order);
             _mm256_storeu_si256((__m256i *)(xq + r * k + i), bytes);
         }
+        for (int64_t i = whole; i < k; i++) xq[r * k + i] = (int8_t)nearbyintf(row[i] / scale); /* nearest even */
     }
 }
 
-/* out[r][c] = sum_k a[r * k + kk] * w[c * k + kk] for R rows of xq and C weight rows (R <= 3, C <= 2) */
+/* out[r][c] = sum_k a[r * k + kk] * w[c * k + kk] for R rows of xq and C weight rows (R <= 3, C <= 2):
+ * whole vectors of 32 inputs, then the last k % 32 one at a time */
 static inline __attribute__((always_inline)) void tile(const int8_t *a, const int8_t *w, int64_t k, int R, int C,
                                                        int32_t out[GEMM_ROWS][GEMM_COLS]) {
     const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t whole = k / 32 * 32;
     __m256i acc[GEMM_ROWS][GEMM_COLS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_si256();
-    for (int64_t kk = 0; kk < k; kk += 32) {
+    for (int64_t kk = 0; kk < whole; kk += 32) {
         __m256i av[GEMM_ROWS];
         for (int r = 0; r < R; r++) av[r] = _mm256_loadu_si256((const __m256i *)(a + r * k + kk));
         for (int c = 0; c < C; c++) {
@@ -78,7 +83,11 @@ static inline __attribute__((always_inline)) void tile(const int8_t *a, const in
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[r][c] = hsum8i(acc[r][c]);
+        for (int c = 0; c < C; c++) {
+            int32_t sum = hsum8i(acc[r][c]);
+            for (int64_t kk = whole; kk < k; kk++) sum += (int32_t)a[r * k + kk] * w[c * k + kk];
+            out[r][c] = sum;
+        }
 }
 
 /* y rows [r, r + R) x weight rows [j, j + C): the tile's sums, scaled */
@@ -91,7 +100,7 @@ static inline __attribute__((always_inline)) void tile_out(const int8_t *xq, con
         for (int c = 0; c < C; c++) y[(r + i) * n + j + c] = (float)out[i][c] * xs[r + i] * w_scale[j + c];
 }
 
-/* x (m, k) float32 @ (w (n, k) int8 * w_scale (n,) float32)^T -> y (m, n) float32, k % 32 == 0.
+/* x (m, k) float32 @ (w (n, k) int8 * w_scale (n,) float32)^T -> y (m, n) float32, any k >= 1.
  * Returns 0, or -1 without memory for the scratch (the rounded rows: m * k bytes). */
 int int8_gemm(const float *x, const int8_t *w, const float *w_scale, float *y, int64_t m, int64_t n, int64_t k,
               int threads) {
