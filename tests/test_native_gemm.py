@@ -94,8 +94,11 @@ def test_int8_layers_take_the_gemm_for_prompt_rows_where_the_cpu_has_no_fast_int
     x = torch.randn(1, 9, 256)
     with torch.inference_mode():
         want = native.int8_gemm(x[0], q.qweight, q.scale) + q.bias
+        assert torch.equal(native.int8_gemm(x[0], q.qweight, q.scale, q.bias), want)  # the bias added in C
         assert torch.equal(q(x)[0], want)
         assert torch.equal(q(x[0]), want)  # 2-D rows (the vision tower)
-        assert torch.equal(q(x, "silu")[0], torch.nn.functional.silu(want))
+        assert torch.equal(q(x, "silu")[0], torch.nn.functional.silu(want))  # in place over the output
+        for act, approximate in (("gelu", "none"), ("gelu_tanh", "tanh")):
+            assert torch.equal(q(x, act)[0], torch.nn.functional.gelu(want, approximate=approximate))
         decode = native.int8_rows(x[0, :2], q.qweight, q.scale) + q.bias
         assert torch.equal(q(x[0, :2, None]).reshape(2, 320), decode)

@@ -35,7 +35,7 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # name: (argument types, result type)
     "int8_rows": ([_PTR, _INT, _PTR, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT, _INT], _INT),
     "int4_rows": ([_PTR, _INT, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
-    "int8_gemm": ([_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT], _INT),  # gemm.c: prompt rows on AVX2
+    "int8_gemm": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT], _INT),  # gemm.c: prompt rows on AVX2
     "decode_step": ([_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _INT, _INT], _INT),  # step.c (its tables: step.py)
 }
 ISAS = {2: "AVX512-VNNI", 1: "AVX2"}  # kernels.c's kernels_isa()
@@ -152,8 +152,9 @@ def int8_rows(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
     return y
 
 
-def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """x2 (M, in) float32 @ (qweight (out, in) int8 * scale (out,))^T -> (M, out) float32 for prompt
+def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x2 (M, in) float32 @ (qweight (out, in) int8 * scale (out,))^T (+ bias) -> (M, out) float32 for prompt
     rows, each rounded to int8 of its own max (gemm.c; the bits of lfm2vl.quant's int8_dynamic_linear),
     or None where the kernels are not built or the rows are not float32 on the CPU."""
     lib = library()
@@ -162,9 +163,10 @@ def int8_gemm(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
         return None
     x2, qweight = x2.contiguous(), qweight.contiguous()
     scale = scale.to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
     y = torch.empty(x2.shape[0], qweight.shape[0], dtype=torch.float32)
-    _check(lib.int8_gemm(x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(), x2.shape[0],
-                         qweight.shape[0], k, torch.get_num_threads()))
+    _check(lib.int8_gemm(x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                         y.data_ptr(), x2.shape[0], qweight.shape[0], k, torch.get_num_threads()))
     return y
 
 

@@ -92,18 +92,22 @@ static inline __attribute__((always_inline)) void tile(const int8_t *a, const in
 
 /* y rows [r, r + R) x weight rows [j, j + C): the tile's sums, scaled */
 static inline __attribute__((always_inline)) void tile_out(const int8_t *xq, const float *xs, const int8_t *w,
-                                                           const float *w_scale, float *y, int64_t r, int64_t j,
-                                                           int64_t n, int64_t k, int R, int C) {
+                                                           const float *w_scale, const float *bias, float *y,
+                                                           int64_t r, int64_t j, int64_t n, int64_t k, int R, int C) {
     int32_t out[GEMM_ROWS][GEMM_COLS];
     tile(xq + r * k, w + j * k, k, R, C, out);
     for (int i = 0; i < R; i++)
-        for (int c = 0; c < C; c++) y[(r + i) * n + j + c] = (float)out[i][c] * xs[r + i] * w_scale[j + c];
+        for (int c = 0; c < C; c++) {
+            const float v = (float)out[i][c] * xs[r + i] * w_scale[j + c];
+            y[(r + i) * n + j + c] = bias ? v + bias[j + c] : v;
+        }
 }
 
-/* x (m, k) float32 @ (w (n, k) int8 * w_scale (n,) float32)^T -> y (m, n) float32, any k >= 1.
+/* x (m, k) float32 @ (w (n, k) int8 * w_scale (n,) float32)^T (+ bias (n,) float32, or NULL) -> y (m, n)
+ * float32, any k >= 1; the bias added after the scaling, as torch's y + bias (the same bits).
  * Returns 0, or -1 without memory for the scratch (the rounded rows: m * k bytes). */
-int int8_gemm(const float *x, const int8_t *w, const float *w_scale, float *y, int64_t m, int64_t n, int64_t k,
-              int threads) {
+int int8_gemm(const float *x, const int8_t *w, const float *w_scale, const float *bias, float *y, int64_t m,
+              int64_t n, int64_t k, int threads) {
     int8_t *xq = malloc((size_t)(m * k));
     float *xs = malloc(sizeof(float) * (size_t)m);
     if (!xq || !xs) {
@@ -118,12 +122,12 @@ int int8_gemm(const float *x, const int8_t *w, const float *w_scale, float *y, i
         const int64_t j0 = b * GEMM_BLOCK, j1 = j0 + GEMM_BLOCK < n ? j0 + GEMM_BLOCK : n;
         const int64_t pairs_end = j0 + (j1 - j0) / GEMM_COLS * GEMM_COLS;
         for (int64_t r = 0; r < full_rows; r += GEMM_ROWS) {
-            for (int64_t j = j0; j < pairs_end; j += GEMM_COLS) tile_out(xq, xs, w, w_scale, y, r, j, n, k, GEMM_ROWS, 2);
-            if (pairs_end < j1) tile_out(xq, xs, w, w_scale, y, r, pairs_end, n, k, GEMM_ROWS, 1);
+            for (int64_t j = j0; j < pairs_end; j += GEMM_COLS) tile_out(xq, xs, w, w_scale, bias, y, r, j, n, k, GEMM_ROWS, 2);
+            if (pairs_end < j1) tile_out(xq, xs, w, w_scale, bias, y, r, pairs_end, n, k, GEMM_ROWS, 1);
         }
         for (int64_t r = full_rows; r < m; r++) { /* the last rows (fewer than a tile), one at a time */
-            for (int64_t j = j0; j < pairs_end; j += GEMM_COLS) tile_out(xq, xs, w, w_scale, y, r, j, n, k, 1, 2);
-            if (pairs_end < j1) tile_out(xq, xs, w, w_scale, y, r, pairs_end, n, k, 1, 1);
+            for (int64_t j = j0; j < pairs_end; j += GEMM_COLS) tile_out(xq, xs, w, w_scale, bias, y, r, j, n, k, 1, 2);
+            if (pairs_end < j1) tile_out(xq, xs, w, w_scale, bias, y, r, pairs_end, n, k, 1, 1);
         }
     }
     free(xq), free(xs);

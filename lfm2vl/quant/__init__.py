@@ -186,7 +186,10 @@ class Int8Linear(_QuantizedLinear):
         if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif prompt and cpu and not int8_matmul_available():
-            y = native.int8_gemm(x2, self.qweight, self.scale)  # AVX2 without VNNI (None: not built, or bf16)
+            # AVX2 without VNNI (None: not built, or bf16): bias added in C, activation over its output
+            y = native.int8_gemm(x2, self.qweight, self.scale, self.bias)
+            if y is not None:
+                return activate(y, act, inplace=True).reshape(*lead, self.out_features)
         elif not prompt and cpu and few:
             y = native.int8_rows(x2, self.qweight, self.scale)  # lfm2vl's kernel (None: not built here)
             if y is None:  # torch's GEMV: bf16 activations whatever the compute dtype (its float32 path is slow)
