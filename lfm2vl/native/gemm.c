@@ -28,17 +28,9 @@
 #define GEMM_COLS 2   /* weight rows a register tile */
 #define GEMM_BLOCK 64 /* weight rows a thread's block */
 
-static inline int32_t hsum8i(__m256i v) {
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(h);
-}
-
 /* x (m, k) float32 -> xq (m, k) int8 = round(x / xs) (nearest even), xs (m,) = max(max|x|, 1e-12) / 127 */
 static void round_whole_rows(const float *x, int64_t m, int64_t k, int8_t *xq, float *xs, int threads) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const int64_t whole = k / 32 * 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < m; r++) {
@@ -50,13 +42,11 @@ static void round_whole_rows(const float *x, int64_t m, int64_t k, int8_t *xq, f
         const float scale = (biggest > 1e-12f ? biggest : 1e-12f) / 127.0f;
         xs[r] = scale;
         const __m256 divisor = _mm256_set1_ps(scale);
-        for (int64_t i = 0; i < whole; i += 32) { /* 4 x 8 floats -> 32 bytes */
+        for (int64_t i = 0; i < whole; i += 32) {
+            const __m256 v[4] = {_mm256_loadu_ps(row + i), _mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(row + i + 16),
+                                 _mm256_loadu_ps(row + i + 24)};
             __m256i q[4];
-            for (int j = 0; j < 4; j++)
-                q[j] = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + i + 8 * j), divisor));
-            __m256i words = _mm256_packs_epi32(q[0], q[1]), words2 = _mm256_packs_epi32(q[2], q[3]);
-            __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words, words2), order);
-            _mm256_storeu_si256((__m256i *)(xq + r * k + i), bytes);
+            round32(v, divisor, xq + r * k + i, q);
         }
         for (int64_t i = whole; i < k; i++) xq[r * k + i] = (int8_t)nearbyintf(row[i] / scale); /* nearest even */
     }

@@ -42,7 +42,6 @@ int kernels_isa(void) {
 HIDDEN void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *xs, float *xsum) {
     const int64_t groups = k / 32;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = r * k + g * 32;
@@ -59,20 +58,11 @@ HIDDEN void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int
                                         _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude)));
             float top = hmax8(amax);
             float s = (top > 1e-30f ? top : 1e-30f) / 127.0f;
-            __m256 vs = _mm256_set1_ps(s);
             __m256i q[4];
-            for (int i = 0; i < 4; i++)
-                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[i], vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            _mm256_storeu_si256((__m256i *)(xq + at), _mm256_permutevar8x32_epi32(bytes, order));
+            round32(v, _mm256_set1_ps(s), xq + at, q);
             xs[r * groups + g] = s;
-            if (xsum) {
-                __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-                xsum[r * groups + g] = s * (float)_mm_cvtsi128_si32(h);
-            }
+            if (xsum)
+                xsum[r * groups + g] = s * (float)hsum8i(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
         }
     }
 }

@@ -182,14 +182,12 @@ class Int8Linear(_QuantizedLinear):
         lead = x.shape[:-1]
         x2 = cast(x.reshape(-1, self.in_features), self.scale.dtype)  # (M, in)
         cpu, prompt, few = x2.device.type == "cpu", prompt_rows(x), x2.shape[0] <= SMALL_ROWS
-        y = None
+        y, biased = None, False
         if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
         elif prompt and cpu and not int8_matmul_available():
-            # AVX2 without VNNI (None: not built, or bf16): bias added in C, activation over its output
-            y = native.int8_gemm(x2, self.qweight, self.scale, self.bias)
-            if y is not None:
-                return activate(y, act, inplace=True).reshape(*lead, self.out_features)
+            y = native.int8_gemm(x2, self.qweight, self.scale, self.bias)  # AVX2 without VNNI (None: not built, or bf16)
+            biased = True  # gemm.c adds the bias
         elif not prompt and cpu and few:
             y = native.int8_rows(x2, self.qweight, self.scale)  # lfm2vl's kernel (None: not built here)
             if y is None:  # torch's GEMV: bf16 activations whatever the compute dtype (its float32 path is slow)
@@ -201,9 +199,11 @@ class Int8Linear(_QuantizedLinear):
                 return self.qweight[i:j].to(x2.dtype).mul_(self.scale[i:j, None])
 
             return widened_linear(x2, self.out_features, widen, self.bias, act).reshape(*lead, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias
-        return activate(y, act).reshape(*lead, self.out_features)
+        # y is this call's own (M, out): bias and activation in place (the same bits as y + bias and
+        # act(y); a fresh (M, out) for each cost prompt rows as much in page faults as the work)
+        if self.bias is not None and not biased:
+            y.add_(self.bias)
+        return activate(y, act, inplace=True).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
