@@ -4,7 +4,8 @@ One LFM2-VL-450M feed-forward projection (1024 -> 6656) at several row counts, w
 fp32 (torch's F.linear, MKL, and oneDNN's float32 matmul, which lfm2vl/model/linear.py uses), bf16,
 int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-multiply a block of
 rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scale per tensor, and
-lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`) and int4 (lfm2vl's Int4Linear:
+lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`, and on float32 rows its AVX2 GEMM,
+lfm2vl/native/gemm.c) and int4 (lfm2vl's Int4Linear:
 torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot
 in cache; then the rate at which decode can stream weights from memory (50 different weights,
 cold; int8, int4 weight-only, bf16 and fp32, and lfm2vl's own int8 and int4 decode kernels where
@@ -71,6 +72,8 @@ def hot() -> dict[int, dict[str, float]]:
                 "int8_widen_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: w8[i:j].to(torch.bfloat16).mul_(sb[i:j, None])), reps),
                 "int8_dynamic": timed(lambda: dynamic(x), reps),
                 "int8_x_int8_row": timed(lambda: int8_dynamic_linear(xb, w8, sb), reps),
+                # lfm2vl/native/gemm.c, the prompt rows' path on AVX2 CPUs without VNNI (float32 rows)
+                **({"int8_gemm_avx2": timed(lambda: native.int8_gemm(x, w8, scale), reps)} if native.library() else {}),
                 "int4_kernel": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     xb, q4.qweight, INT4_GROUP, q4.scales_zeros), reps),
                 "int4_unpack_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: q4.dequantized(torch.bfloat16, i, j)), reps),

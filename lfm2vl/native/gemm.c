@@ -4,7 +4,7 @@
  * arithmetic, not by memory. oneDNN's int8 matmul (torch._int_mm) is 70x slower than float32 on
  * such CPUs, so int8 layers used to widen their weights and multiply in float32. Here AVX2's
  * vpmaddubsw multiplies 32 u8 x s8 pairs per instruction, against 8 float32 multiply-adds for an
- * FMA: on a 2-core AVX2 EPYC (Zen 3) 1.3-1.7x MKL's float32 GEMM (docs/performance.md).
+ * FMA: on a 2-core AVX2 EPYC (Zen 3) 1.1-1.7x MKL's float32 GEMM (docs/performance.md).
  *
  * The rows are rounded as on VNNI CPUs (lfm2vl/quant: int8_dynamic_linear): each on its own to int8,
  * scale max(max|x|, 1e-12) / 127, nearest even; the products are summed exactly in int32 and scaled

@@ -15,7 +15,7 @@ than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbo
   vectorized: 1.8 against 9.7-12 G weights/s);
 - prompt and image rows on CPUs with AVX2 but no VNNI or AMX (where torch._int_mm is slow:
   `int8_matmul_available`), in float32: lfm2vl's own int8 x int8 GEMM (lfm2vl/native/gemm.c), with
-  the same bits as int8_dynamic_linear; 1.3-1.7x the float32 GEMM on a 2-core AVX2 EPYC
+  the same bits as int8_dynamic_linear; 1.1-1.7x the float32 GEMM on a 2-core AVX2 EPYC
   (docs/performance.md);
 - more decode rows, prompt rows where neither int8 path runs (no VNNI or AMX, and no native GEMM:
   not built, or bf16 / float16 rows; however few), and chunks of AMX_WIDEN_ROWS or more bf16
