@@ -128,7 +128,7 @@ def test_the_bench_names_the_decode_kernel_it_ran():
     assert kernels(model)["decode_step"] == "torch's layers"
     text.decode_state = ([0], None)  # a table was asked for and refused: torch's layers
     assert kernels(model)["decode_step"] == "torch's layers"
-    text.decode_state = ([0], object())  # lfm2vl/quant/step.py keeps (fingerprint, table) once the C step ran
+    text.decode_state = ([0], object())  # lfm2vl/quant/step.py keeps (watch, table) once the C step ran
     assert kernels(model)["decode_step"] == "one C call (lfm2vl/native/step.c)"
 
 

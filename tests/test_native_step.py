@@ -156,6 +156,51 @@ def test_the_c_step_follows_weights_written_in_place_and_the_model_still_copies(
 
 
 @needs_step
+def test_the_c_step_renews_its_table_for_any_change_it_reads():
+    """The table is checked each step against what it was built from (quant/step.py's _Watch): a
+    replaced module or parameter, a tensor given new storage (.data =), a bf16 weight the table holds
+    a copy of written in place, or a grown cache renews it, and a step on the renewed table is torch's."""
+    import copy
+
+    model = lfm2vl.load(quantize="int8", dtype="bfloat16")
+    net, text = model.module, model.module.language_model
+    ids = torch.tensor([model.processor.text_tokenizer.encode(PROMPT)])
+    cache, token = net.make_cache(1, 64), torch.tensor([[5]])
+    with torch.inference_mode():
+        net.forward(ids, cache=cache.view([0], ids.shape[1]), logits_to_keep=1)
+
+    def step() -> object:
+        with torch.inference_mode():
+            view = cache.view([0], 1)
+            assert quant_step.native_decode(text, net.embed(token), view) is not None
+        return text.decode_state[0]
+
+    last = text.layers[-1]
+    first = step()
+    assert step() is first  # nothing changed: the same table
+    changes = [
+        lambda: setattr(text, "embedding_norm", copy.deepcopy(text.embedding_norm)),
+        lambda: setattr(last.feed_forward, "w1", copy.deepcopy(last.feed_forward.w1)),
+        lambda: setattr(last.ffn_norm, "weight", torch.nn.Parameter(last.ffn_norm.weight * 2)),
+        lambda: setattr(last.operator_norm.weight, "data", last.operator_norm.weight.data * 2),
+        lambda: last.ffn_norm.weight.mul_(2),  # in place on a bf16 weight the table copied (not via .data)
+        lambda: cache.grow(128),
+    ]
+    for change in changes:
+        before = step()
+        with torch.no_grad():
+            change()
+        assert step() is not before, changes.index(change)
+    twin = copy.deepcopy(cache)
+    with torch.inference_mode():
+        got = net.forward(token, cache=cache.view([0], 1))[0, -1].float()
+        text.decode_step = None
+        expected = net.forward(token, cache=twin.view([0], 1))[0, -1].float()  # torch's layers
+    text.decode_step = quant_step.native_decode
+    assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+
+
+@needs_step
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_generation_with_the_c_step_is_generation_without_it(scheme, monkeypatch):
     questions = [[{"role": "user", "content": [{"type": "image", "image": f"examples/{name}.png"},
