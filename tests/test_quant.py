@@ -179,6 +179,26 @@ def test_int4_linear_is_the_dequantized_layer(rows):
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), (got - expected).abs().max()
 
 
+def test_int4_prompt_rows_are_the_decode_kernel_row_by_row_on_cpus_without_int8_products():
+    """Float32 prompt rows take lfm2vl's int4 kernel where the CPU has no int8 or bf16 matmul to widen
+    into (AVX2 without VNNI): each row the same bits as that row decoded alone, whatever its
+    neighbours; elsewhere the widened weight (the dequantized layer, to bf16 rounding)."""
+    from lfm2vl import native
+    from lfm2vl.quant import int4_prompt_kernel
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    q = Int4Linear.from_weight(linear.weight, linear.bias, torch.float32)
+    x = torch.randn(1, 37, 256)  # an odd count: the kernel's two-row tiles and a last row alone
+    got = q(x, act="silu")
+    alone = torch.cat([q(x[:, i : i + 1], act="silu") for i in range(x.shape[1])], 1)  # decode rows
+    if int4_prompt_kernel() and native.library() is not None:
+        assert torch.equal(got, alone)
+        assert torch.equal(q(x[:, 5:9])[0], q(x)[0, 5:9])  # rows independent of the others
+    expected = F.silu(F.linear(x, q.dequantized(torch.float32), linear.bias))
+    assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), (got - expected).abs().max()
+
+
 def test_int4_keeps_the_vision_tower_int8_and_unfit_shapes_int8():
     from lfm2vl.quant import layer_kind
 

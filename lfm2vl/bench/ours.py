@@ -20,7 +20,7 @@ def kernels(model: Any) -> dict[str, Any]:
     """The per-device kernel choices this run took (they differ between CPUs: compare machines by them)."""
     from .. import native
     from ..model.linear import float32_kernels, onednn_bfloat16
-    from ..quant import AMX_WIDEN_ROWS, int4_block, int8_matmul_available, int8_prompt_products
+    from ..quant import AMX_WIDEN_ROWS, int4_block, int4_prompt_kernel, int8_matmul_available, int8_prompt_products
 
     out: dict[str, Any] = {"vision_patches_per_call": model.engine.vision_patches}
     if model.device.type == "cpu":
@@ -41,6 +41,8 @@ def kernels(model: Any) -> dict[str, Any]:
             if model.quantization == "int4":
                 native_int4 = isa is not None and int4_block() in native.INT4_BLOCKS
                 out["int4_decode_rows"] = f"lfm2vl native int4 x int8 ({isa})" if native_int4 else "torch int4 kernel"
+                out["int4_prompt_rows"] = ("lfm2vl native int4 x int8 (AVX2)" if native_int4 and int4_prompt_kernel()
+                                           and model.dtype == torch.float32 else f"widened to {dtype}")
             # what the run's decode steps took (lfm2vl/quant/step.py keeps a table once the C step ran)
             state = model.module.language_model.decode_state
             out["decode_step"] = ("one C call (lfm2vl/native/step.c)" if state is not None and state[1] is not None

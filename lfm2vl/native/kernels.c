@@ -124,60 +124,78 @@ static inline __m256 add_scaled_sums(__m256 acc, __m256i sums, __m256 pairs, __m
  * kk + 3) for one row a 16-bit lane, and vpmaddubsw multiplies each pair by the matching pair of
  * activations. Eight such steps (a group of 32 inputs) sum in 16 bits, then the two halves of each
  * vector add up in 32. */
+/* Rows r .. r + R - 1 (R = 1 or 2) of y against the 32 outputs of one task (`rows`: the first of
+ * the 8 each accumulator holds); the weights are taken apart once a step for both rows, whose own
+ * steps are those of one row alone (the same bits however the rows are tiled). */
+static inline __attribute__((always_inline)) void int4_tile(
+    const int8_t *xq, const float *xs, const float *xsum, const uint8_t *blk, const float *scales_zeros, float *y,
+    int64_t r, int R, int64_t n, int64_t k, int64_t stride, const int64_t rows[4], __m256i low4, __m256i pairing) {
+    const int64_t groups = k / 32;
+    __m256 acc[2][4];
+    for (int q = 0; q < R; q++)
+        for (int i = 0; i < 4; i++) acc[q][i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i s16[2][4];
+        for (int q = 0; q < R; q++)
+            for (int i = 0; i < 4; i++) s16[q][i] = _mm256_setzero_si256();
+        for (int64_t kk = g * 32; kk < g * 32 + 32; kk += 4) {
+            const uint8_t *p = blk + kk * stride;
+            _mm_prefetch((const char *)(p + PREFETCH_BYTES), _MM_HINT_T0);
+            __m256i lo, hi;
+            if (stride == 16) { /* rows kk and kk + 1 lie side by side */
+                lo = _mm256_loadu_si256((const __m256i *)p);
+                hi = _mm256_loadu_si256((const __m256i *)(p + 32));
+            } else {
+                lo = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + stride)), _mm_loadu_si128((const __m128i *)p));
+                hi = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + 3 * stride)),
+                                      _mm_loadu_si128((const __m128i *)(p + 2 * stride)));
+            }
+            const __m256i lo4 = _mm256_and_si256(lo, low4), hi4 = _mm256_and_si256(hi, low4);
+            const __m256i lo_high = _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4);
+            const __m256i hi_high = _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4);
+            const __m256i u[4] = {_mm256_unpacklo_epi8(lo4, hi4), _mm256_unpackhi_epi8(lo4, hi4),
+                                  _mm256_unpacklo_epi8(lo_high, hi_high), _mm256_unpackhi_epi8(lo_high, hi_high)};
+            for (int q = 0; q < R; q++) {
+                int32_t x4;
+                memcpy(&x4, xq + (r + q) * k + kk, 4);
+                const __m256i xv = _mm256_shuffle_epi8(_mm256_set1_epi32(x4), pairing);
+                for (int i = 0; i < 4; i++) s16[q][i] = _mm256_add_epi16(s16[q][i], _mm256_maddubs_epi16(u[i], xv));
+            }
+        }
+        const float *sz = (const float *)((const uint32_t *)scales_zeros + g * n);
+        for (int q = 0; q < R; q++) {
+            const __m256 d = _mm256_set1_ps(xs[(r + q) * groups + g]), dz = _mm256_set1_ps(xsum[(r + q) * groups + g]);
+            for (int i = 0; i < 4; i++) {
+                __m256i sums = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[q][i])),
+                                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[q][i], 1)));
+                acc[q][i] = add_scaled_sums(acc[q][i], sums, _mm256_loadu_ps(sz + rows[i]), d, dz);
+            }
+        }
+    }
+    for (int q = 0; q < R; q++)
+        for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + (r + q) * n + rows[i], acc[q][i]);
+}
+
+/* Prompt rows (float32 ones on CPUs without VNNI: lfm2vl/quant/int4.py) run two rows a tile: 1.2-1.4x
+ * the widened float32 GEMM with one row a tile, more with two (docs/performance.md). */
 HIDDEN void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
                            const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int64_t block,
                            int threads) {
-    const int64_t groups = k / 32, stride = block / 2, halves = block / 32, tasks = n / block * halves;
+    const int64_t stride = block / 2, halves = block / 32, tasks = n / block * halves;
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     /* activations (x0, x1, x2, x3) -> (x0, x2) pairs in the low 128 bits, (x1, x3) in the high */
     const __m256i pairing = _mm256_setr_epi8(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,
                                              1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3);
+    const float *sz = (const float *)scales_zeros;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t b = t / halves, h = t % halves;
         const uint8_t *blk = w + b * k * stride + h * 16;
         int64_t rows[4];  /* the first of the 8 rows each accumulator holds */
         for (int i = 0; i < 4; i++) rows[i] = b * block + h * 16 + (i & 1) * 8 + (i >> 1) * (block / 2);
-        for (int64_t r = 0; r < m; r++) {
-            const int8_t *a = xq + r * k;
-            __m256 acc[4];
-            for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
-            for (int64_t g = 0; g < groups; g++) {
-                __m256i s16[4];
-                for (int i = 0; i < 4; i++) s16[i] = _mm256_setzero_si256();
-                for (int64_t kk = g * 32; kk < g * 32 + 32; kk += 4) {
-                    const uint8_t *p = blk + kk * stride;
-                    _mm_prefetch((const char *)(p + PREFETCH_BYTES), _MM_HINT_T0);
-                    __m256i lo, hi;
-                    if (stride == 16) { /* rows kk and kk + 1 lie side by side */
-                        lo = _mm256_loadu_si256((const __m256i *)p);
-                        hi = _mm256_loadu_si256((const __m256i *)(p + 32));
-                    } else {
-                        lo = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + stride)), _mm_loadu_si128((const __m128i *)p));
-                        hi = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + 3 * stride)),
-                                              _mm_loadu_si128((const __m128i *)(p + 2 * stride)));
-                    }
-                    __m256i lo4 = _mm256_and_si256(lo, low4), hi4 = _mm256_and_si256(hi, low4);
-                    __m256i lo_high = _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4);
-                    __m256i hi_high = _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4);
-                    int32_t x4;
-                    memcpy(&x4, a + kk, 4);
-                    __m256i xv = _mm256_shuffle_epi8(_mm256_set1_epi32(x4), pairing);
-                    s16[0] = _mm256_add_epi16(s16[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo4, hi4), xv));
-                    s16[1] = _mm256_add_epi16(s16[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo4, hi4), xv));
-                    s16[2] = _mm256_add_epi16(s16[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo_high, hi_high), xv));
-                    s16[3] = _mm256_add_epi16(s16[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo_high, hi_high), xv));
-                }
-                const float *sz = (const float *)((const uint32_t *)scales_zeros + g * n);
-                __m256 d = _mm256_set1_ps(xs[r * groups + g]), dz = _mm256_set1_ps(xsum[r * groups + g]);
-                for (int i = 0; i < 4; i++) {
-                    __m256i sums = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16[i])),
-                                                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16[i], 1)));
-                    acc[i] = add_scaled_sums(acc[i], sums, _mm256_loadu_ps(sz + rows[i]), d, dz);
-                }
-            }
-            for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + r * n + rows[i], acc[i]);
-        }
+        int64_t r = 0;
+        for (; r + 2 <= m; r += 2) int4_tile(xq, xs, xsum, blk, sz, y, r, 2, n, k, stride, rows, low4, pairing);
+        if (r < m) int4_tile(xq, xs, xsum, blk, sz, y, r, 1, n, k, stride, rows, low4, pairing);
     }
 }
 

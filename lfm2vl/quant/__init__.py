@@ -44,7 +44,8 @@ from ..model.linear import activate
 # this package's public face: the loader (weights.py), the CLI, the bench and the tests import from here
 from .common import SMALL_ROWS, WIDEN_BLOCK_BYTES, _QuantizedLinear, prompt_rows, widened_linear  # noqa: F401
 from .int4 import (INT4_BLOCKS, INT4_GROUP, INT4_KERNEL_ROWS, Int4Linear, Int4TiedEmbedding,  # noqa: F401
-                   add_int4_head, int4_available, int4_block, int4_fits, quantize_int4, repack_int4, tied_int4_head)
+                   add_int4_head, int4_available, int4_block, int4_fits, int4_prompt_kernel, quantize_int4, repack_int4,
+                   tied_int4_head)
 from .step import use_native_step  # noqa: F401
 
 QUANTIZE = ("int8", "int4")

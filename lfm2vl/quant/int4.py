@@ -100,6 +100,17 @@ def quantize_int4(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
     return packed.to(weight.device), sz.to(weight.device)
 
 
+@functools.cache
+def int4_prompt_kernel() -> bool:
+    """Whether float32 prompt rows take lfm2vl's int4 kernel rather than a widened weight: on CPUs
+    without int8 products in hardware (no VNNI or AMX: AVX2 ones), where the widened weight multiplies
+    in float32 and the kernel, which unpacks 4-bit weights into int8 products, ran 1.2-1.4x faster for
+    512 rows of the 450M's layers (docs/performance.md). With VNNI or AMX the widened path keeps them."""
+    from . import int8_matmul_available
+
+    return not int8_matmul_available()
+
+
 class Int4Linear(_QuantizedLinear):
     """y = x W^T + b with W in 4 bits: W[o, i] ~= (q[o, i] - 8) * scale[i // G, o] + zero[i // G, o]."""
 
@@ -148,9 +159,10 @@ class Int4Linear(_QuantizedLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         out_dtype = x.dtype if self.bias is None else self.bias.dtype
-        y = None
-        if not prompt_rows(x) and x2.shape[0] <= SMALL_ROWS:
-            # decode rows: lfm2vl's kernel, activations rounded to int8 per group of 32 (None: not built here)
+        y, prompt = None, prompt_rows(x)
+        if (not prompt and x2.shape[0] <= SMALL_ROWS) or (prompt and x2.dtype == torch.float32 and int4_prompt_kernel()):
+            # lfm2vl's kernel, activations rounded to int8 per group of 32 (None: not built here): decode
+            # rows, and float32 prompt rows where the CPU has no int8 or bf16 matmul to widen into
             y = native.int4_rows(x2, self.qweight, self.scales_zeros, self.out_features, int4_block())
         if y is None and x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
