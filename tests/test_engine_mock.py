@@ -121,6 +121,20 @@ def test_the_cache_holds_slots_for_the_requests_that_run_together_only():
     assert e3.cache.slots == 3  # never past max_slots
 
 
+def test_the_cache_grows_to_what_a_request_needs_in_steps_of_cache_step():
+    from lfm2vl.engine.scheduler import CACHE_STEP
+
+    e = engine(initial_len=16)
+    prompt = [7] * (2 * CACHE_STEP + 50)  # with its new tokens 3 steps (a power of two: 4)
+    assert e.submit(req(prompt, 30)).result().token_ids == expected(prompt, 30)
+    assert e.cache.max_len == 3 * CACHE_STEP
+    longer = [9] * (4 * CACHE_STEP + 40)
+    assert e.submit(req(longer, 25)).result().token_ids == expected(longer, 25)
+    assert e.cache.max_len == 5 * CACHE_STEP  # 8 with powers of two
+    assert e.submit(req(prompt, 30)).result().token_ids == expected(prompt, 30)  # a shorter one fits as it is
+    assert e.cache.max_len == 5 * CACHE_STEP
+
+
 def test_going_idle_after_work_returns_freed_memory_at_most_once_an_interval(monkeypatch):
     from lfm2vl.engine import scheduler
 

@@ -14,7 +14,7 @@ from ..cpu import cpu_flags
 class EngineConfig:
     max_slots: int = 8  # requests decoding at once
     max_len: int | None = None  # positions per slot (prompt + generated); None = the model's context
-    initial_len: int = 512  # the cache starts this long per slot and doubles when a request needs more
+    initial_len: int = 512  # the cache starts this long per slot and grows to what a request needs (scheduler.CACHE_STEP)
     token_budget: int = 512  # tokens per step: the decode rows plus one prefill chunk
     # ... when no request is decoding (no stream waits on the step). Not larger on a CPU: each chunk's
     # activations are the request's peak memory (1.6B int8 image question: 1,951-1,976 MB at 512
