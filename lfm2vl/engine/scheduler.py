@@ -274,11 +274,11 @@ class Engine:
     def _start(self, handle: RequestHandle, slot: int) -> _Active:
         req, p = handle.request, handle.request.params
         self.cache.ensure_slots(slot + 1, self.config.max_slots)
-        self.cache.grow(min(self.max_len, _cache_len(len(req.ids) + p.max_new_tokens)))
         self.cache.reset(slot)
         hit = self.prefix_cache.lookup(req.key) if req.key is not None and self.prefix_cache.capacity else None
         cached = 0
         if hit is not None:
+            self.cache.grow(min(self.max_len, _cache_len(hit.length)))
             self.cache.write_prefix(slot, hit.entry.state, hit.length, hit.conv)
             cached = hit.length
         rows = req.image_positions
@@ -348,6 +348,9 @@ class Engine:
         if last == len(shapes) - 1:
             feats = torch.cat(a.crop_feats.pop(j))
             del a.pixels[j]
+            if not a.crop_work and self.cache.device.type == "cpu":
+                # the vision tower's freed activations go back to the OS before the prefill takes the K/V
+                release_freed_memory()
             if feats.shape[0] != a.request.images[j].tokens:
                 raise ValueError(f"image {j} gave {feats.shape[0]} features for {a.request.images[j].tokens} tokens")
             a.features[j] = feats
@@ -367,6 +370,9 @@ class Engine:
         return torch.cat(parts)
 
     def _prefill_chunk(self, a: _Active) -> None:
+        # the request's whole length, once its images are encoded: the vision tower's activations and
+        # the K/V are not held at once (the larger part of a quantized model's peak)
+        self.cache.grow(min(self.max_len, _cache_len(a.n_prompt + a.request.params.max_new_tokens)))
         start = self.cache.host_lengths[a.slot]
         decoding = sum(not x.prefilling for x in self._active.values())
         budget = self.config.token_budget if decoding else max(self.config.token_budget, self.config.solo_token_budget)
