@@ -122,7 +122,7 @@ def test_the_cache_holds_slots_for_the_requests_that_run_together_only():
 
 
 def test_the_cache_grows_to_what_a_request_needs_in_steps_of_cache_step():
-    from lfm2vl.engine.scheduler import CACHE_STEP
+    from lfm2vl.engine.config import CACHE_STEP
 
     e = engine(initial_len=16)
     prompt = [7] * (2 * CACHE_STEP + 50)  # with its new tokens 3 steps (a power of two: 4)

@@ -161,6 +161,8 @@ def test_the_c_step_renews_its_table_for_any_change_it_reads():
     replaced module or parameter, a tensor given new storage (.data =), a bf16 weight the table holds
     a copy of written in place, or a grown cache renews it, and a step on the renewed table is torch's."""
     import copy
+    import gc
+    import pickle
 
     model = lfm2vl.load(quantize="int8", dtype="bfloat16")
     net, text = model.module, model.module.language_model
@@ -176,8 +178,18 @@ def test_the_c_step_renews_its_table_for_any_change_it_reads():
         return text.decode_state[0]
 
     last = text.layers[-1]
+    spare = pickle.dumps(last.feed_forward.w3)
+
+    def swap() -> None:  # the new layer is made after the old one is freed: it may be given the old one's id
+        del last.feed_forward.w3
+        gc.collect()
+        last.feed_forward.w3 = pickle.loads(spare)
+
     first = step()
     assert step() is first  # nothing changed: the same table
+    # it compares ids of objects it holds, so that no replacement made after a module or tensor was
+    # freed can be given its id and pass for it
+    assert any(o is last.feed_forward.w3 for o in first.held) and any(o is last.ffn_norm.weight for o in first.held)
     changes = [
         lambda: setattr(text, "embedding_norm", copy.deepcopy(text.embedding_norm)),
         lambda: setattr(last.feed_forward, "w1", copy.deepcopy(last.feed_forward.w1)),
@@ -185,6 +197,8 @@ def test_the_c_step_renews_its_table_for_any_change_it_reads():
         lambda: setattr(last.operator_norm.weight, "data", last.operator_norm.weight.data * 2),
         lambda: last.ffn_norm.weight.mul_(2),  # in place on a bf16 weight the table copied (not via .data)
         lambda: cache.grow(128),
+        swap,
+        swap,
     ]
     for change in changes:
         before = step()

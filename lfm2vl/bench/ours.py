@@ -41,7 +41,7 @@ def kernels(model: Any) -> dict[str, Any]:
             if model.quantization == "int4":
                 native_int4 = isa is not None and int4_block() in native.INT4_BLOCKS
                 out["int4_decode_rows"] = f"lfm2vl native int4 x int8 ({isa})" if native_int4 else "torch int4 kernel"
-                out["int4_prompt_rows"] = ("lfm2vl native int4 x int8 (AVX2)" if native_int4 and int4_prompt_kernel()
+                out["int4_prompt_rows"] = (f"lfm2vl native int4 x int8 ({isa})" if native_int4 and int4_prompt_kernel()
                                            and model.dtype == torch.float32 else f"widened to {dtype}")
             # what the run's decode steps took (lfm2vl/quant/step.py keeps a table once the C step ran)
             state = model.module.language_model.decode_state

@@ -14,7 +14,7 @@ from ..cpu import cpu_flags
 class EngineConfig:
     max_slots: int = 8  # requests decoding at once
     max_len: int | None = None  # positions per slot (prompt + generated); None = the model's context
-    initial_len: int = 512  # the cache starts this long per slot and grows to what a request needs (scheduler.CACHE_STEP)
+    initial_len: int = 512  # the cache starts this long per slot and grows to what a request needs (cache_len)
     token_budget: int = 512  # tokens per step: the decode rows plus one prefill chunk
     # ... when no request is decoding (no stream waits on the step). Not larger on a CPU: each chunk's
     # activations are the request's peak memory (1.6B int8 image question: 1,951-1,976 MB at 512
@@ -43,6 +43,18 @@ class EngineConfig:
         else:
             base = cls()
         return replace(base, **overrides)
+
+
+CACHE_STEP = 256  # the cache grows to a request's length rounded up to this many positions
+
+
+def cache_len(n: int) -> int:
+    """Positions per slot for a request of n tokens: rounded up to CACHE_STEP, not to a power of two,
+    which held up to twice the K/V a request needs (a 1,400-token image question: 2,048 positions,
+    50 MB of the 450M's float32 K/V where 1,536 hold 38); a longer request later grows it again.
+    A request whose images must be encoded takes its K/V at its first prefill chunk, after them, so
+    the vision tower's activations and the K/V are not held at once (Engine._start)."""
+    return -(-n // CACHE_STEP) * CACHE_STEP
 
 
 VISION_BATCH_PATCHES = 1024  # patches per vision call at most (one full tile): see Engine._encode_crop (scheduler.py)

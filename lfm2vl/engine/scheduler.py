@@ -37,7 +37,7 @@ from ..memory import release_freed_memory
 from ..sampling import next_tokens, token_logprobs
 from ..textstream import TextStream
 from .caches import ImageCache, PrefixCache
-from .config import EngineConfig, vision_batch_patches
+from .config import EngineConfig, cache_len, vision_batch_patches
 from .request import FINISH_REASONS, ContextOverflow, QueueFull, Request, RequestHandle, StreamEvent, peak_memory_mb
 
 log = logging.getLogger("lfm2vl.engine")
@@ -276,11 +276,7 @@ class Engine:
         self.cache.ensure_slots(slot + 1, self.config.max_slots)
         self.cache.reset(slot)
         hit = self.prefix_cache.lookup(req.key) if req.key is not None and self.prefix_cache.capacity else None
-        cached = 0
-        if hit is not None:
-            self.cache.grow(min(self.max_len, _cache_len(hit.length)))
-            self.cache.write_prefix(slot, hit.entry.state, hit.length, hit.conv)
-            cached = hit.length
+        cached = 0 if hit is None else hit.length
         rows = req.image_positions
         offsets, n = [], 0
         for img in req.images:
@@ -300,6 +296,10 @@ class Engine:
                 a.pixels[j] = (values, shapes)
                 a.crop_feats[j] = []
                 a.crop_work.extend((j, c) for c in range(len(shapes)))
+        if hit is not None or not a.crop_work:  # else the K/V is taken at the first prefill chunk, after the images
+            self.cache.grow(min(self.max_len, cache_len(len(req.ids) + p.max_new_tokens)))
+        if hit is not None:
+            self.cache.write_prefix(slot, hit.entry.state, hit.length, hit.conv)
         if self.decode is not None:
             a.stream = TextStream(self.decode, p.stop)
         if p.seed is not None:
@@ -370,9 +370,7 @@ class Engine:
         return torch.cat(parts)
 
     def _prefill_chunk(self, a: _Active) -> None:
-        # the request's whole length, once its images are encoded: the vision tower's activations and
-        # the K/V are not held at once (the larger part of a quantized model's peak)
-        self.cache.grow(min(self.max_len, _cache_len(a.n_prompt + a.request.params.max_new_tokens)))
+        self.cache.grow(min(self.max_len, cache_len(a.n_prompt + a.request.params.max_new_tokens)))  # see _start
         start = self.cache.host_lengths[a.slot]
         decoding = sum(not x.prefilling for x in self._active.values())
         budget = self.config.token_budget if decoding else max(self.config.token_budget, self.config.solo_token_budget)
@@ -500,13 +498,3 @@ class Engine:
     def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None) -> None:
         self._count_end(reason)
         handle._put(StreamEvent("", None, reason, len(handle.request.ids), 0, 0, 0.0, 0.0, 0.0, error))
-
-
-CACHE_STEP = 256  # the cache grows to a request's length rounded up to this many positions
-
-
-def _cache_len(n: int) -> int:
-    """Positions per slot for a request of n tokens: rounded up to CACHE_STEP, not to a power of two,
-    which held up to twice the K/V a request needs (a 1,400-token image question: 2,048 positions,
-    50 MB of the 450M's float32 K/V where 1,536 hold 38); a longer request later grows it again."""
-    return -(-n // CACHE_STEP) * CACHE_STEP

@@ -1,4 +1,5 @@
-/* lfm2vl's own CPU kernels for decode rows (lfm2vl/native/__init__.py builds this file with the
+/* lfm2vl's own CPU kernels for decode rows, and for int4 prompt rows on CPUs without int8 products in
+ * torch (lfm2vl/quant/int4.py: int4_prompt_kernel; lfm2vl/native/__init__.py builds this file with the
  * system C compiler, -O3 -march=native, and loads it with ctypes; without a compiler, or on a CPU
  * with neither AVX2 + FMA nor AVX512-VNNI, the quantized layers keep torch's kernels).
  *
@@ -18,7 +19,8 @@
  * beside it and the thread count; the int4 kernels give the same bits with AVX2 as with VNNI.
  *
  * Threads: OpenMP, in the process's one OpenMP runtime (torch's), as many as torch uses (an argument).
- * Scratch: malloc'd a call (under 150 KB for SMALL_ROWS rows of 8,192 inputs).
+ * Scratch: malloc'd a call (under 150 KB for SMALL_ROWS rows of 8,192 inputs; int4 prompt rows
+ * write 1.25 bytes an input, 2.9 MB for 512 rows of 4,608).
  */
 
 #include "kernels.h"
@@ -42,6 +44,8 @@ int kernels_isa(void) {
 HIDDEN void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int8_t *xq, float *xs, float *xsum) {
     const int64_t groups = k / 32;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    /* prompt rows (hundreds) on torch's threads; a decode step's few rows on one (no fork to pay) */
+#pragma omp parallel for if (m >= 64) schedule(static)
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = r * k + g * 32;
@@ -388,7 +392,7 @@ int int4_rows(const void *x, int x_bf16, const uint8_t *w, const uint16_t *scale
               int64_t n, int64_t k, int64_t block, int threads, int isa) {
     rounded_t a;
     if (rounded_alloc(&a, m, k) != 0) return -1;
-    round_rows(x, x_bf16, m, k, &a);
+    quantize_groups(x, x_bf16, m, k, a.xq, a.xs, a.xsum);  /* not round_rows: the int4 kernels read no xs16 */
     int4_times(&a, w, scales_zeros, y, n, block, threads, isa);
     rounded_free(&a);
     return 0;

@@ -3,7 +3,8 @@ zero) pair per group of INT4_GROUP input weights (torch's convention: w = (q - 8
 the vision tower and projector stay int8 (they only run many rows, where int4 buys nothing). Decode
 reads half the int8 bytes. Decode rows (up to SMALL_ROWS) take lfm2vl's kernel where it is built for
 this CPU (lfm2vl/native: AVX512-VNNI or AVX2, activations rounded to int8 per group of 32, 55-67 G
-weights/s against 32-35 for torch's on a 2-core AVX-512 EPYC); other rows up to INT4_KERNEL_ROWS, and decode rows
+weights/s against 32-35 for torch's on a 2-core AVX-512 EPYC), and so do float32 prompt rows where
+torch has no int8 products (`int4_prompt_kernel`); other rows up to INT4_KERNEL_ROWS, and decode rows
 elsewhere, torch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations). Above those rows the weight
 is unpacked to bfloat16 (float32 where the compute dtype is: a bf16 GEMM is emulated there, and the
 450M's int4 prefill took 21.4 s with it). torch packs int4 weights 64 output rows to a block with
@@ -102,10 +103,11 @@ def quantize_int4(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.T
 
 @functools.cache
 def int4_prompt_kernel() -> bool:
-    """Whether float32 prompt rows take lfm2vl's int4 kernel rather than a widened weight: on CPUs
-    without int8 products in hardware (no VNNI or AMX: AVX2 ones), where the widened weight multiplies
-    in float32 and the kernel, which unpacks 4-bit weights into int8 products, ran 1.2-1.4x faster for
-    512 rows of the 450M's layers (docs/performance.md). With VNNI or AMX the widened path keeps them."""
+    """Whether float32 prompt rows take lfm2vl's int4 kernel rather than a widened weight: where torch
+    has no exact int8 matmul (`int8_matmul_available()` False: AVX2 CPUs without VNNI or AMX, where the
+    widened weight multiplies in float32), the kernel, which multiplies the 4-bit weights by int8-rounded
+    rows, ran 1.4-1.7x faster for 512 rows of the 450M's layers (docs/performance.md). Elsewhere the
+    widened path keeps them (AMX multiplies bf16 far faster)."""
     from . import int8_matmul_available
 
     return not int8_matmul_available()
