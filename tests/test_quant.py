@@ -199,6 +199,22 @@ def test_int4_prompt_rows_are_the_decode_kernel_row_by_row_on_cpus_without_int8_
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (1, 37, 256), (37, 256)])  # a decode row, prompt rows, image rows
+def test_a_gradient_flows_through_quantized_layers_to_their_input(kind, shape):
+    """The kernels carry no gradient, so a backward through a frozen quantized layer (an adapter
+    trained below it) takes the widened weight: the input's gradient is the dequantized weight's."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    cls = Int8Linear if kind == "int8" else Int4Linear
+    q = cls.from_weight(linear.weight, linear.bias, torch.float32)
+    w = q.qweight.float() * q.scale[:, None] if kind == "int8" else q.dequantized(torch.float32)
+    x = torch.randn(*shape, requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad is not None
+    assert torch.allclose(x.grad, w.sum(0).expand(*shape), atol=1e-4, rtol=1e-4)
+
+
 def test_int4_keeps_the_vision_tower_int8_and_unfit_shapes_int8():
     from lfm2vl.quant import layer_kind
 

@@ -182,7 +182,9 @@ class Int8Linear(_QuantizedLinear):
         into the matmul where the weight is widened)."""
         lead = x.shape[:-1]
         x2 = cast(x.reshape(-1, self.in_features), self.scale.dtype)  # (M, in)
-        cpu, prompt, few = x2.device.type == "cpu", prompt_rows(x), x2.shape[0] <= SMALL_ROWS
+        # the kernels carry no gradient: a backward through the layer (an adapter below it) takes the widened weight
+        cpu = x2.device.type == "cpu" and not (torch.is_grad_enabled() and x2.requires_grad)
+        prompt, few = prompt_rows(x), x2.shape[0] <= SMALL_ROWS
         y, biased = None, False
         if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)

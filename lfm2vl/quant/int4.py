@@ -162,11 +162,13 @@ class Int4Linear(_QuantizedLinear):
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         out_dtype = x.dtype if self.bias is None else self.bias.dtype
         y, prompt = None, prompt_rows(x)
-        if (not prompt and x2.shape[0] <= SMALL_ROWS) or (prompt and x2.dtype == torch.float32 and int4_prompt_kernel()):
+        kernels = not (torch.is_grad_enabled() and x2.requires_grad)  # none carries a gradient: see Int8Linear
+        if kernels and ((not prompt and x2.shape[0] <= SMALL_ROWS) or
+                        (prompt and x2.dtype == torch.float32 and int4_prompt_kernel())):
             # lfm2vl's kernel, activations rounded to int8 per group of 32 (None: not built here): decode
             # rows, and float32 prompt rows where the CPU has no int8 or bf16 matmul to widen into
             y = native.int4_rows(x2, self.qweight, self.scales_zeros, self.out_features, int4_block())
-        if y is None and x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
+        if y is None and kernels and x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
         if y is not None:
