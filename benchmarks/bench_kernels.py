@@ -6,7 +6,8 @@ int8 (torch's int8 weight-only GEMV `_weight_int8pack_mm`, widen-to-bf16-and-mul
 rows at a time, torch's dynamic int8 `quantize_dynamic` with one activation scale per tensor, and
 lfm2vl's int8 x int8 with one scale per row, `int8_dynamic_linear`, and on float32 rows its AVX2 GEMM,
 lfm2vl/native/gemm.c) and int4 (lfm2vl's Int4Linear:
-torch's int4 kernel, and unpack-to-bf16-and-multiply by blocks), in milliseconds with the weight hot
+torch's int4 kernel, unpack-to-bf16 or float32-and-multiply by blocks, and lfm2vl's int4 kernel on
+float32 rows, the prompt rows' path on AVX2 CPUs without VNNI), in milliseconds with the weight hot
 in cache; then the rate at which decode can stream weights from memory (50 different weights,
 cold; int8, int4 weight-only, bf16 and fp32, and lfm2vl's own int8 and int4 decode kernels where
 they are built): the bound on decode speed, since every token reads every weight once. Last, one decode
@@ -77,6 +78,10 @@ def hot() -> dict[int, dict[str, float]]:
                 "int4_kernel": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                     xb, q4.qweight, INT4_GROUP, q4.scales_zeros), reps),
                 "int4_unpack_bf16": timed(lambda: widened_linear(xb, N, lambda i, j: q4.dequantized(torch.bfloat16, i, j)), reps),
+                "int4_unpack_fp32": timed(lambda: widened_linear(x, N, lambda i, j: q4.dequantized(torch.float32, i, j)), reps),
+                # lfm2vl's int4 kernel on float32 rows: decode rows, and prompt rows where int4_prompt_kernel()
+                **({"int4_native": timed(lambda: native.int4_rows(x, q4.qweight, q4.scales_zeros, N, int4_block()), reps)}
+                   if native.library() else {}),
             }
     return out
 
