@@ -180,8 +180,9 @@ static inline __attribute__((always_inline)) void int4_tile(
         for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + (r + q) * n + rows[i], acc[q][i]);
 }
 
-/* Prompt rows (float32 ones on CPUs without VNNI: lfm2vl/quant/int4.py) run two rows a tile: 1.2-1.4x
- * the widened float32 GEMM with one row a tile, more with two (docs/performance.md). */
+/* Prompt rows (float32 ones where torch has no exact int8 matmul: lfm2vl/quant/int4.py) run two rows a
+ * tile: with the rounding threaded, 1.6-2.0x the widened float32 GEMM for 512 rows (one row a tile:
+ * 1.2-1.4x; four spilled registers and ran slower; docs/performance.md). */
 HIDDEN void int4_rows_avx2(const int8_t *xq, const float *xs, const float *xsum, const uint8_t *w,
                            const uint16_t *scales_zeros, float *y, int64_t m, int64_t n, int64_t k, int64_t block,
                            int threads) {

@@ -106,7 +106,7 @@ def int4_prompt_kernel() -> bool:
     """Whether float32 prompt rows take lfm2vl's int4 kernel rather than a widened weight: where torch
     has no exact int8 matmul (`int8_matmul_available()` False: AVX2 CPUs without VNNI or AMX, where the
     widened weight multiplies in float32), the kernel, which multiplies the 4-bit weights by int8-rounded
-    rows, ran 1.4-1.7x faster for 512 rows of the 450M's layers (docs/performance.md). Elsewhere the
+    rows, ran 1.6-2.0x faster for 512 rows of the 450M's layers (docs/performance.md). Elsewhere the
     widened path keeps them (AMX multiplies bf16 far faster)."""
     from . import int8_matmul_available
 
