@@ -222,3 +222,26 @@ def test_int4_layers_take_the_kernel_for_decode_rows_only():
         prompt = x.reshape(1, 2, 256)  # the same rows as a 2-token prompt chunk: torch's kernel, bf16 activations
         torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(prompt[0], q.qweight, 32, q.scales_zeros) + q.bias
         assert torch.equal(q(prompt)[0], torch_kernel)
+
+
+@needs_int4
+@pytest.mark.parametrize("k", [64, 70])  # 70: gemm.c's last inputs one at a time
+def test_a_nan_in_a_row_makes_that_rows_outputs_nan_and_leaves_the_others(k):
+    """int8 holds no NaN, and the rounding's max over |x| drops one: a row with a NaN gets a NaN scale,
+    so its outputs are NaN as a float32 product's would be (never finite garbage), and only its own."""
+    from lfm2vl.quant import quantize_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(4, k)
+    bad = x.clone()
+    bad[1, k - 1] = float("nan")
+    w8, s8 = quantize_weight(torch.randn(96, k))
+    calls = [lambda a: native.int8_gemm(a, w8, s8)]
+    if k % 32 == 0:
+        q4 = Int4Linear.from_weight(torch.randn(64, k), None, torch.float32)
+        calls += [lambda a: native.int8_rows(a, w8, s8),
+                  lambda a: native.int4_rows(a, q4.qweight, q4.scales_zeros, 64, int4_block())]
+    for call in calls:
+        clean, y = call(x), call(bad)
+        assert y[1].isnan().all()
+        assert torch.equal(y[[0, 2, 3]], clean[[0, 2, 3]])

@@ -35,11 +35,19 @@ static void round_whole_rows(const float *x, int64_t m, int64_t k, int8_t *xq, f
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < m; r++) {
         const float *row = x + r * k;
-        __m256 top = _mm256_setzero_ps();
-        for (int64_t i = 0; i < whole; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(row + i), magnitude));
+        __m256 top = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+        for (int64_t i = 0; i < whole; i += 8) {
+            const __m256 v = _mm256_loadu_ps(row + i);
+            top = _mm256_max_ps(top, _mm256_and_ps(v, magnitude));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
         float biggest = hmax8(top);
-        for (int64_t i = whole; i < k; i++) biggest = fabsf(row[i]) > biggest ? fabsf(row[i]) : biggest;
-        const float scale = (biggest > 1e-12f ? biggest : 1e-12f) / 127.0f;
+        int has_nan = any_nan8(nan);
+        for (int64_t i = whole; i < k; i++) {
+            biggest = fabsf(row[i]) > biggest ? fabsf(row[i]) : biggest;
+            has_nan |= isnan(row[i]);
+        }
+        const float scale = has_nan ? NAN : (biggest > 1e-12f ? biggest : 1e-12f) / 127.0f;  /* any_nan8 */
         xs[r] = scale;
         const __m256 divisor = _mm256_set1_ps(scale);
         for (int64_t i = 0; i < whole; i += 32) {

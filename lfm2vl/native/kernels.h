@@ -47,6 +47,10 @@ static inline void round32(const __m256 v[4], __m256 divisor, int8_t *dst, __m25
     _mm256_storeu_si256((__m256i *)dst, _mm256_permutevar8x32_epi32(bytes, order));
 }
 
+/* whether any lane of v is NaN: a row with one rounds to a NaN scale, so that its outputs are NaN, as
+ * a float32 product's would be (the max over |x| drops NaN, and int8 holds none) */
+static inline int any_nan8(__m256 v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
+
 static inline float hmax8(__m256 v) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
