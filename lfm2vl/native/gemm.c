@@ -42,12 +42,12 @@ static void round_whole_rows(const float *x, int64_t m, int64_t k, int8_t *xq, f
             nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         }
         float biggest = hmax8(top);
-        int has_nan = any_nan8(nan);
+        int has_nan = _mm256_movemask_ps(nan) != 0;  /* any lane NaN (any_nan8, kernels.h) */
         for (int64_t i = whole; i < k; i++) {
             biggest = fabsf(row[i]) > biggest ? fabsf(row[i]) : biggest;
             has_nan |= isnan(row[i]);
         }
-        const float scale = has_nan ? NAN : (biggest > 1e-12f ? biggest : 1e-12f) / 127.0f;  /* any_nan8 */
+        const float scale = has_nan ? NAN : (biggest > 1e-12f ? biggest : 1e-12f) / 127.0f;
         xs[r] = scale;
         const __m256 divisor = _mm256_set1_ps(scale);
         for (int64_t i = 0; i < whole; i += 32) {

@@ -62,9 +62,7 @@ HIDDEN void quantize_groups(const void *x, int x_bf16, int64_t m, int64_t k, int
                                         _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude)));
             float top = hmax8(amax);
             float s = (top > 1e-30f ? top : 1e-30f) / 127.0f;
-            if (any_nan8(_mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(v[0], v[0], _CMP_UNORD_Q), _mm256_cmp_ps(v[1], v[1], _CMP_UNORD_Q)),
-                                      _mm256_or_ps(_mm256_cmp_ps(v[2], v[2], _CMP_UNORD_Q), _mm256_cmp_ps(v[3], v[3], _CMP_UNORD_Q)))))
-                s = NAN;  /* any_nan8 */
+            if (any_nan8(v[0]) || any_nan8(v[1]) || any_nan8(v[2]) || any_nan8(v[3])) s = NAN;
             __m256i q[4];
             round32(v, _mm256_set1_ps(s), xq + at, q);
             xs[r * groups + g] = s;

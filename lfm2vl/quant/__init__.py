@@ -42,7 +42,8 @@ from ..model.cast import cast
 from ..model.linear import activate
 
 # this package's public face: the loader (weights.py), the CLI, the bench and the tests import from here
-from .common import SMALL_ROWS, WIDEN_BLOCK_BYTES, _QuantizedLinear, prompt_rows, widened_linear  # noqa: F401
+from .common import (SMALL_ROWS, WIDEN_BLOCK_BYTES, _QuantizedLinear, kernel_rows, prompt_rows,  # noqa: F401
+                     widened_linear)
 from .int4 import (INT4_BLOCKS, INT4_GROUP, INT4_KERNEL_ROWS, Int4Linear, Int4TiedEmbedding,  # noqa: F401
                    add_int4_head, int4_available, int4_block, int4_fits, int4_prompt_kernel, quantize_int4, repack_int4,
                    tied_int4_head)
@@ -182,16 +183,14 @@ class Int8Linear(_QuantizedLinear):
         into the matmul where the weight is widened)."""
         lead = x.shape[:-1]
         x2 = cast(x.reshape(-1, self.in_features), self.scale.dtype)  # (M, in)
-        # the kernels carry no gradient: a backward through the layer (an adapter below it) takes the widened weight
-        cpu = x2.device.type == "cpu" and not (torch.is_grad_enabled() and x2.requires_grad)
-        prompt, few = prompt_rows(x), x2.shape[0] <= SMALL_ROWS
+        kernels, prompt, few = kernel_rows(x2), prompt_rows(x), x2.shape[0] <= SMALL_ROWS
         y, biased = None, False
-        if prompt and cpu and int8_prompt_products(x2.dtype, x2.shape[0]):
+        if prompt and kernels and int8_prompt_products(x2.dtype, x2.shape[0]):
             y = int8_dynamic_linear(x2, self.qweight, self.scale)
-        elif prompt and cpu and not int8_matmul_available():
+        elif prompt and kernels and not int8_matmul_available():
             y = native.int8_gemm(x2, self.qweight, self.scale, self.bias)  # AVX2 without VNNI (None: not built, or bf16)
             biased = True  # gemm.c adds the bias
-        elif not prompt and cpu and few:
+        elif not prompt and kernels and few:
             y = native.int8_rows(x2, self.qweight, self.scale)  # lfm2vl's kernel (None: not built here)
             if y is None:  # torch's GEMV: bf16 activations whatever the compute dtype (its float32 path is slow)
                 y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,

@@ -21,6 +21,13 @@ def prompt_rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 or x.shape[-2] > 1
 
 
+def kernel_rows(x: torch.Tensor) -> bool:
+    """Whether x (on the CPU) may take the kernels (lfm2vl's, gemm.c, torch's int8 and int4 ones):
+    none carries a gradient, so an input that needs one (an adapter trained below a frozen quantized
+    layer) takes the widened weight instead."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def widened_linear(x2: torch.Tensor, out_features: int, widen, bias: torch.Tensor | None = None,
                    act: str = "none") -> torch.Tensor:
     """act(x2 (M, in) @ W^T + bias) -> (M, out) for many rows, with W widened to x2's dtype a block of

@@ -23,7 +23,7 @@ from torch import nn
 from .. import native
 from ..model.cast import cast
 from ..model.linear import activate
-from .common import SMALL_ROWS, _QuantizedLinear, prompt_rows, widened_linear
+from .common import SMALL_ROWS, _QuantizedLinear, kernel_rows, prompt_rows, widened_linear
 
 INT4_GROUP = 32  # input weights per (scale, zero) pair (llama.cpp's Q4 block size)
 INT4_KERNEL_ROWS = 96  # at or below: the int4 kernel; above: unpack to bf16 (measured crossover ~128)
@@ -162,13 +162,13 @@ class Int4Linear(_QuantizedLinear):
         x2 = x.reshape(-1, self.in_features)  # (M, in)
         out_dtype = x.dtype if self.bias is None else self.bias.dtype
         y, prompt = None, prompt_rows(x)
-        kernels = not (torch.is_grad_enabled() and x2.requires_grad)  # none carries a gradient: see Int8Linear
+        kernels = kernel_rows(x2)
         if kernels and ((not prompt and x2.shape[0] <= SMALL_ROWS) or
                         (prompt and x2.dtype == torch.float32 and int4_prompt_kernel())):
             # lfm2vl's kernel, activations rounded to int8 per group of 32 (None: not built here): decode
             # rows, and float32 prompt rows where the CPU has no int8 or bf16 matmul to widen into
             y = native.int4_rows(x2, self.qweight, self.scales_zeros, self.out_features, int4_block())
-        if y is None and kernels and x2.shape[0] <= INT4_KERNEL_ROWS and x2.device.type == "cpu":
+        if y is None and kernels and x2.shape[0] <= INT4_KERNEL_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # (M, out); scales_zeros is bf16 always (_apply, and the loader)
                 x2.to(torch.bfloat16).contiguous(), self.qweight, INT4_GROUP, self.scales_zeros)
         if y is not None:
