@@ -304,12 +304,22 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", 
     check_scheme(scheme)
     dst = Path(dst).expanduser()
     check_output_folder(dst)  # before the source is resolved: that may download a whole checkpoint
-    folder = resolve(src, revision=revision)
-    if checkpoint_quantization(folder) is not None:
-        raise ValueError(f"{folder} is already quantized")
-    if dst.resolve() == folder.resolve():
-        raise ValueError("the output folder must differ from the input folder")
-    write_quantized(folder, dst, read_config(folder), scheme)
+    fresh = not dst.exists()
+    try:  # now, not after minutes of quantizing
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {dst}: {e.strerror or e}") from e
+    try:
+        folder = resolve(src, revision=revision)
+        if checkpoint_quantization(folder) is not None:
+            raise ValueError(f"{folder} is already quantized")
+        if dst.resolve() == folder.resolve():
+            raise ValueError("the output folder must differ from the input folder")
+        write_quantized(folder, dst, read_config(folder), scheme)
+    except BaseException:
+        if fresh and not any(dst.iterdir()):  # leave no empty folder behind a refusal
+            dst.rmdir()
+        raise
     for name in SIDE_FILES:
         if (folder / name).exists():
             shutil.copyfile(folder / name, dst / name)

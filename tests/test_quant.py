@@ -289,6 +289,10 @@ def test_a_quantized_checkpoint_loads_straight_into_place(tmp_path, scheme, max_
 
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(out, tmp_path / "again")
+    assert not (tmp_path / "again").exists()  # a refusal leaves no folder behind
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="cannot create the output folder"):  # before any quantizing
+        quantize_checkpoint(ROOT / "lfm2vl/assets/bundled_model", tmp_path / "a_file" / "out")
     # any compute dtype (float32 is the default on CPUs without native bf16): int4 scales stay bf16
     wide = lfm2vl.load(out, dtype="float32")
     conv = [{"role": "user", "content": [{"type": "image", "image": str(ROOT / "examples/red_circle.png")},
