@@ -384,6 +384,10 @@ def load(
         from .quant import compute_dtype
 
         dtype = dtype or compute_dtype(device)
+        if device.type != "cpu":
+            log.warning("quantize=%r on %s: lfm2vl's int8/int4 kernels run on CPUs; here each layer widens its "
+                        "weights to %s at every call, so the model is smaller but slower than an unquantized %s one",
+                        quantize, device, str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
     if dtype is None:
         dtype = stored_dtype(folder)
         if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):

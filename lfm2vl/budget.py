@@ -14,8 +14,8 @@ Cost model (fitted by `calibrate`, each term measured through the engine as ever
 
 Candidates run from the checkpoint's own settings down: tiling with max_tiles from the default to
 min_tiles, then one crop with max_image_tokens from the default down to min_image_tokens in steps of 32.
-The result is cached per model, device, dtype, quantization, thread count, CPU and torch version in
-~/.cache/lfm2vl/calibration.json (`$LFM2VL_CACHE` moves it); `recalibrate=True` measures again.
+The result is cached per model, device (and GPU model), dtype, quantization, thread count, CPU and torch version in
+~/.cache/lfm2vl/calibration.json (`$LFM2VL_CACHE` or `$XDG_CACHE_HOME` moves it); `recalibrate=True` measures again.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .cpu import cpu_name
+from .cpu import cache_root, cpu_name
 from .processing.tiling import TilePlan
 
 TOKEN_STEP = 32  # the single-crop ladder: max_image_tokens from the default down in these steps
@@ -89,8 +89,7 @@ def check_target(max_image_tokens: Any, latency_target: Any) -> float | None:
 
 
 def cache_file() -> Path:
-    root = Path(os.environ.get("LFM2VL_CACHE", Path.home() / ".cache" / "lfm2vl"))
-    return root / "calibration.json"
+    return cache_root() / "calibration.json"
 
 
 def calibration_sizes(max_len: int) -> tuple[int, int, int]:
@@ -107,12 +106,13 @@ def calibration_sizes(max_len: int) -> tuple[int, int, int]:
 
 
 def calibration_key(model: Any) -> str:
-    """What the costs depend on: the weights (path, size, time), device, dtype, quantization, threads, CPU,
-    torch, and the prompt sizes measured (a short context measures shorter ones, a cruder fit)."""
+    """What the costs depend on: the weights (path, size, time), device (and which GPU), dtype, quantization,
+    threads, CPU, torch, and the prompt sizes measured (a short context measures shorter ones, a cruder fit)."""
     src = Path(str(model.source)) if model.source is not None else None
     files = sorted(src.glob("*.safetensors")) if src is not None and src.is_dir() else []
     weights = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
-    parts = [str(src), weights, str(model.device), str(model.dtype), model.quantization, torch.get_num_threads(),
+    gpu = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None
+    parts = [str(src), weights, str(model.device), gpu, str(model.dtype), model.quantization, torch.get_num_threads(),
              platform.processor() or platform.machine(), cpu_name(), torch.__version__,
              calibration_sizes(model.engine.max_len), "vision per call"]  # the model's layout, too
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]

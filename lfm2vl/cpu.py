@@ -1,5 +1,5 @@
 """What the CPU is: its model name, vendor and feature flags, read once from /proc/cpuinfo (Linux;
-elsewhere empty, but for the vendor on Windows).
+elsewhere empty, but for the vendor on Windows), and where this machine's caches live.
 
 The quantized layers choose kernels by them (lfm2vl/quant/), the image-budget calibration is cached
 per CPU (lfm2vl/budget.py), and every benchmark prints them (lfm2vl/bench/workload.py).
@@ -8,7 +8,17 @@ per CPU (lfm2vl/budget.py), and every benchmark prints them (lfm2vl/bench/worklo
 from __future__ import annotations
 
 import functools
+import os
 import platform
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """lfm2vl's per-machine cache (built kernels, image-budget calibrations, benchmark checkpoints):
+    $LFM2VL_CACHE, else $XDG_CACHE_HOME/lfm2vl, else ~/.cache/lfm2vl."""
+    if os.environ.get("LFM2VL_CACHE"):
+        return Path(os.environ["LFM2VL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "lfm2vl"
 
 
 @functools.cache

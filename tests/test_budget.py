@@ -106,6 +106,12 @@ def test_auto_budget_through_the_api_and_the_command_line(tmp_path, monkeypatch)
     out = json.loads(r.stdout.splitlines()[-1])
     assert out["text"] == "circle" and out["image_budget"] == choice.settings
     assert "image budget:" in r.stderr and "meets the 5 s target" in r.stderr
+    # chat says so too, for each turn whose conversation holds an image (the first has none to budget)
+    script = f"hello\n/image {ROOT / 'examples/red_circle.png'}\nwhat shape is in the image?\nand its color?\n"
+    r = subprocess.run([sys.executable, "-m", "lfm2vl", "chat", "--max-image-tokens", "auto", "--latency-target", "5"],
+                       input=script, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr
+    assert r.stderr.count("image budget:") == 2 and "meets the 5 s target" in r.stderr
     r = subprocess.run([sys.executable, "-m", "lfm2vl", "generate", "--prompt", "hi", "--max-image-tokens", "auto"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "error: --max-image-tokens auto and --latency-target SECONDS go together"

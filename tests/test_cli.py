@@ -288,3 +288,13 @@ def test_chat_on_a_terminal_ends_on_a_fresh_line():
     assert rc == 0 and out.endswith("\r\n"), repr(out[-40:])
     rc, out = _pty_chat(b"\x03")  # Ctrl-C
     assert rc == 130 and out.endswith("\r\n"), repr(out[-40:])
+
+
+def test_generate_quantized_equals_the_api():
+    for scheme in ("int8", "int4"):
+        r = _cli("generate", "--image", CIRCLE, "--prompt", QUESTION, "--quantize", scheme, "--json",
+                 "--max-new-tokens", "6")
+        assert r.returncode == 0, r.stderr
+        expected = lfm2vl.load(quantize=scheme).complete(_msgs(), max_new_tokens=6)[0]
+        out = json.loads(r.stdout)
+        assert out["text"] == expected.text and out["completion_tokens"] == expected.completion_tokens

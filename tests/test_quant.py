@@ -486,3 +486,19 @@ def test_bfloat16_decoding_follows_its_own_full_forward():
     clear = (top2[:, 0] - top2[:, 1]) > 0.1  # near-ties may flip in bf16 either way
     assert clear.sum() >= 8
     assert torch.equal(logits.argmax(-1)[clear], torch.tensor(out.token_ids)[clear])
+
+
+def test_one_query_attention_scores_a_half_precision_cache_in_float32():
+    """A GPU keeps K/V in bf16: the q.k scores are float32 products (as SDPA's kernels keep them), not
+    rounded to bf16, which moves large scores by tenths and the softmax by percents."""
+    from lfm2vl.model.text import one_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 1, 64) * 4).bfloat16(), (torch.randn(2, 2, 300, 64) * 4).bfloat16(), \
+        torch.randn(2, 2, 300, 64).bfloat16()
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)  # scores ~ +-16
+    got = one_query_attention(q, k.transpose(-1, -2), v, None).float()
+    rounded = torch.matmul(q.reshape(2, 2, 4, 64) * 0.125, k.transpose(-1, -2)).float().softmax(-1)  # bf16 scores
+    old = torch.matmul(rounded.bfloat16(), v).reshape(2, 8, 1, 64).float()
+    assert (got - expected).abs().max() < 0.5 * (old - expected).abs().max()
+    assert torch.allclose(got, expected, atol=2e-2), (got - expected).abs().max()

@@ -445,3 +445,13 @@ def test_sigterm_lets_the_running_request_finish(tmp_path):
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         log = proc.stdout.read()
         assert "Application shutdown complete" in log and "Traceback" not in log, log
+
+
+def test_serve_quantized_answers_as_the_quantized_model_does():
+    local = lfm2vl.load(quantize="int8")
+    messages = [{"role": "user", "content": [_image_part(CIRCLE), {"type": "text", "text": QUESTION}]}]
+    expected = local.complete([{"role": "user", "content": [{"type": "image", "image": str(CIRCLE)},
+                                                            {"type": "text", "text": QUESTION}]}], max_new_tokens=8)[0]
+    with _serve("--quantize", "int8") as (base, _):
+        r = _client(base).chat.completions.create(model="lfm2vl", messages=messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == expected.text and r.usage.completion_tokens == expected.completion_tokens

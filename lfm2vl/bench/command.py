@@ -16,7 +16,8 @@ from .workload import IMAGE_SIDE, INSTALL_REFERENCE, NEW_TOKENS, PRESETS, PROMPT
 
 ROWS = (("preprocess_s", "preprocessing", "s"), ("vision_s", "vision", "s"), ("prefill_s", "LM prefill", "s"),
         ("ttft_s", "time to first token", "s"), ("predicted_ttft_s", "predicted TTFT", "s"), ("decode_tok_s", "decode", "tok/s"), ("total_s", "total", "s"),
-        ("peak_rss_mb", "peak RSS", "MB"), ("image_tokens", "image tokens", ""), ("crops", "crops", ""))
+        ("peak_rss_mb", "peak RSS", "MB"), ("peak_gpu_mb", "peak GPU memory", "MB"), ("load_s", "load", "s"),
+        ("image_tokens", "image tokens", ""), ("crops", "crops", ""))
 SWEEP_SIDES = (256, 512, 1024, 2048)
 SWEEP_TOKENS = (64, 128, 256)
 
@@ -26,7 +27,7 @@ def add_parser(make: Any, add_model_args: Any, check_model_args: Any) -> None:
              description=f"Time one image ({IMAGE_SIDE}x{IMAGE_SIDE} unless --image), \"{PROMPT}\", exactly "
              f"{NEW_TOKENS} new tokens, batch 1, default image settings; each side runs in its own process. The "
              "last stdout line is one JSON object.")
-    add_model_args(b)
+    add_model_args(b, model_default="--preset 450M")
     b.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the full-size architecture with random weights, built once and cached (speed does not "
                    "depend on weight values) (default: 450M when --model is not given)")
@@ -100,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     dtype = parse_dtype(args.dtype)  # aliases (bf16, half, auto) -> the names both sides read
     dtype = None if dtype is None else str(dtype).removeprefix("torch.")
-    info = machine()
+    info = machine(args.device)
     print(f"machine: {info.get('cpu')}; {info.get('cpu_flags', '')}; {info['cores']} cores; torch {info['torch']}"
           + (f"; GPU {info['gpu']}" if "gpu" in info else ""), file=sys.stderr)
     model = args.model or str(preset_checkpoint(args.preset or "450M"))
@@ -116,7 +117,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"image budget for a {args.latency_target:g} s target: {results[0]['image_settings']}",
                   file=sys.stderr)
         if args.compare:
-            results.append(_run_side({**spec, "system": "transformers", "latency_target": None}))
+            results.append(_run_side({**spec, "system": "transformers", "latency_target": None,
+                                      "dtype": reference_dtype(dtype, results[0], args.device)}))
         sweep = _sweep(spec, Path(tmp)) if args.sweep else None
     _print_table(results, args)
     if "kernels" in results[0]:
@@ -131,6 +133,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot_bars(results, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0
+
+
+def reference_dtype(asked: str | None, ours: dict[str, Any], device: str) -> str:
+    """The reference runs the dtype ours ran (a bf16 checkpoint stays bf16 on a GPU for both), except that
+    a quantized model on a CPU is measured against float32, the issue's baseline for --quantize."""
+    import torch
+
+    if asked is not None:
+        return asked
+    if ours.get("quantize") and torch.device(device).type == "cpu":
+        return "float32"
+    return ours["dtype"]
 
 
 def _readable_image(path: str) -> Path:
@@ -179,6 +193,8 @@ def _print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
     print(f"{'':<22}" + "".join(f"{n:>22}" for n in names) + ("  ratio (> 1: lfm2vl better)" if len(results) > 1 else ""))
     for key, label, unit in ROWS:
         values = [r.get(key) for r in results]
+        if key == "peak_gpu_mb" and all(v is None for v in values):
+            continue  # a CPU run
         cells = "".join(f"{_fmt(v, unit):>22}" for v in values)
         ratio = ""
         if len(results) == 2 and all(isinstance(v, (int, float)) and v for v in values) and unit:
@@ -203,8 +219,9 @@ def _fmt(value: Any, unit: str) -> str:
 def _summary(results: list[dict[str, Any]], info: dict, args: argparse.Namespace, model: str) -> dict[str, Any]:
     ours = results[0]
     out = {"model": model, "preset": args.preset or (None if args.model else "450M"), "machine": info,
-           **{k: ours.get(k) for k in ("total_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "preprocess_s",
-                                       "vision_s", "prefill_s", "image_tokens", "crops", "dtype", "quantize", "threads")}}
+           **{k: ours.get(k) for k in ("total_s", "ttft_s", "decode_tok_s", "peak_rss_mb", "peak_gpu_mb", "load_s",
+                                       "preprocess_s", "vision_s", "prefill_s", "image_tokens", "crops", "dtype",
+                                       "quantize", "threads")}}
     for key in ("predicted_ttft_s", "image_settings", "latency_target_s", "meets_target", "kernels"):
         if key in ours:
             out[key] = ours[key]
@@ -213,5 +230,8 @@ def _summary(results: list[dict[str, Any]], info: dict, args: argparse.Namespace
         out.update(ref_total_s=ref["total_s"], ref_ttft_s=ref["ttft_s"], ref_decode_tok_s=ref["decode_tok_s"],
                    ref_peak_rss_mb=ref["peak_rss_mb"], ref_dtype=ref["dtype"], transformers=ref.get("transformers"),
                    speedup=round(ref["total_s"] / ours["total_s"], 3),
-                   rss_ratio=round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 3))
+                   rss_ratio=round(ours["peak_rss_mb"] / ref["peak_rss_mb"], 3), ref_load_s=ref.get("load_s"),
+                   ref_peak_gpu_mb=ref.get("peak_gpu_mb"), ref_crops=ref.get("crops"))
+        if ours.get("peak_gpu_mb") and ref.get("peak_gpu_mb"):
+            out["gpu_memory_ratio"] = round(ours["peak_gpu_mb"] / ref["peak_gpu_mb"], 3)
     return out

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..quant import is_quantized
-from .workload import conversation, median_run, peak_rss_mb
+from .workload import conversation, median_run, peak_gpu_mb, peak_rss_mb
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +115,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                      "latency_target_s": spec["latency_target"], "meets_target": choice.meets_target}
     runs = measure(str(spec["image"]), settings, spec["warmup"], spec["runs"])
     best = median_run(runs)
-    return {**best, **predicted, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
+    return {**best, **predicted, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(model.device),
+            "runs": [r["total_s"] for r in runs],
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "quantize": is_quantized(model.module),  # also set for an `lfm2vl quantize` checkpoint
             "kernels": kernels(model)}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..memory import unbound_kernel_caches
-from .workload import INSTALL_REFERENCE, conversation, median_run, peak_rss_mb
+from .workload import INSTALL_REFERENCE, conversation, median_run, peak_gpu_mb, peak_rss_mb
 
 
 def _import_transformers():
@@ -60,11 +60,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     model = tf.AutoModelForImageTextToText.from_pretrained(spec["model"], dtype=dtype).to(device).eval()
     load_s = time.perf_counter() - t
     timers = {"vision": 0.0, "start": 0.0}
+
+    def now() -> float:  # a GPU's kernels run after their launch: wait for them, as our side does
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     tower = getattr(getattr(model, "model", model), "vision_tower", None)
     if tower is not None:
-        tower.register_forward_pre_hook(lambda *_: timers.__setitem__("start", time.perf_counter()))
-        tower.register_forward_hook(lambda *_: timers.__setitem__(
-            "vision", timers["vision"] + time.perf_counter() - timers["start"]))
+        tower.register_forward_pre_hook(lambda *_: timers.__setitem__("start", now()))
+        tower.register_forward_hook(lambda *_: timers.__setitem__("vision", timers["vision"] + now() - timers["start"]))
     n = spec["max_new_tokens"]
     runs = []
     for i in range(spec["warmup"] + spec["runs"]):
@@ -93,7 +98,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "decode_tok_s": (new - 1) / (end - first) if new > 1 and end > first else None,  # one token: no decode
                 "total_s": end - start, "new_tokens": int(new), "prompt_tokens": int(inputs["input_ids"].shape[1]),
                 "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
+                "crops": int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0,  # (crops, patches, 768)
             })
     best = median_run(runs)
-    return {**best, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "runs": [r["total_s"] for r in runs],
+    return {**best, "load_s": load_s, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(device),
+            "runs": [r["total_s"] for r in runs],
             "dtype": str(dtype).removeprefix("torch."), "device": str(device), "transformers": tf.__version__}

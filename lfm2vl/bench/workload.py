@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cpu import cpu_name, vector_flags
+from ..cpu import cache_root, cpu_name, vector_flags
 
 PROMPT = "Describe this image in detail."
 NEW_TOKENS = 100
@@ -27,8 +27,7 @@ PRESET_PROCESSOR = {"processor_class": "Lfm2VlProcessor", "image_processor": {"i
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("LFM2VL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lfm2vl")
-    return Path(base).expanduser() / "bench"
+    return cache_root() / "bench"
 
 
 def preset_checkpoint(preset: str, seed: int = 0, progress: bool = True) -> Path:
@@ -83,15 +82,22 @@ def workload_image(path: str | None, folder: Path, side: int = IMAGE_SIDE) -> Pa
     return out
 
 
-def machine() -> dict[str, Any]:
-    """CPU model and its vector/matrix flags, cores, torch (benchmarks compare only within one machine)."""
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """CPU model and its vector/matrix flags, cores, torch, and the GPU `device` names (benchmarks compare
+    only within one machine)."""
     info: dict[str, Any] = {"torch": torch.__version__, "cores": os.cpu_count(), "platform": platform.platform()}
     info["cpu"] = cpu_name() or platform.processor() or platform.machine()
     if vector_flags():
         info["cpu_flags"] = " ".join(vector_flags())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    """The most GPU memory torch's allocator held for tensors in this process, in MB (None off CUDA):
+    on a GPU the weights and activations live there, and host RSS says little."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def peak_rss_mb() -> float:

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..engine import EngineError, Request
-from .generate import user_message
+from .generate import pick_budget, user_message
 from .options import UsageError, check_model_args, generation_options, load_model, one_line, read_image_file
 
 COMMANDS = ("commands: /image PATH [PATH ...] attaches images to your next message, /reset starts over, /quit "
@@ -117,7 +117,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         message = user_message(line.removeprefix("/"), pending)
         pending = []  # they belong to this turn, whatever becomes of it
         try:
-            request, kept, dropped = fit_context(model, [*history, message], opts)
+            conversation = [*history, message]
+            with_images = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+                              for m in conversation)
+            turn = pick_budget(model, conversation, opts)[0] if with_images else opts  # auto: says what it chose
+            request, kept, dropped = fit_context(model, conversation, turn)
         except (ValueError, OSError) as e:
             _notice(f"error: {one_line(e)} (the conversation is unchanged)")
             continue

@@ -15,6 +15,22 @@ def user_message(text: str, images: list[Any]) -> dict[str, Any]:
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
+def pick_budget(model: Any, messages: list[dict], opts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """With --max-image-tokens auto: choose the budget for these messages now, say on stderr what was chosen
+    and whether it meets the target, and return the options that use exactly it (and the choice)."""
+    if opts.get("max_image_tokens") != "auto":
+        return opts, None
+    fixed = {k: v for k, v in opts.items() if k in model.processor.settings.__dataclass_fields__}
+    fixed.pop("max_image_tokens")
+    target = opts["latency_target"]
+    budget = model.plan_budget(messages, target, **fixed)
+    rest = {k: v for k, v in opts.items() if k not in fixed and k not in ("max_image_tokens", "latency_target")}
+    verdict = "meets" if budget.meets_target else "is the fastest budget and still misses"
+    print(f"image budget: {budget.image_tokens} image tokens ({budget.settings}); predicted time to first "
+          f"token {budget.predicted_ttft_s:.2f} s {verdict} the {target:g} s target", file=sys.stderr)
+    return rest | budget.settings, budget
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     opts = generation_options(args)  # everything the user typed is checked before the weights load
     check_model_args(args)
@@ -23,16 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append(user_message(prompt, images))
-    budget = None
-    if opts.get("max_image_tokens") == "auto":  # pick it now, say what was picked, then use exactly that
-        fixed = {k: v for k, v in opts.items() if k in model.processor.settings.__dataclass_fields__}
-        fixed.pop("max_image_tokens")
-        target = opts.pop("latency_target")
-        budget = model.plan_budget(messages, target, **fixed)
-        opts = {k: v for k, v in opts.items() if k not in fixed and k != "max_image_tokens"} | budget.settings
-        verdict = "meets" if budget.meets_target else "is the fastest budget and still misses"
-        print(f"image budget: {budget.image_tokens} image tokens ({budget.settings}); predicted time to first "
-              f"token {budget.predicted_ttft_s:.2f} s {verdict} the {target:g} s target", file=sys.stderr)
+    opts, budget = pick_budget(model, messages, opts)  # pick it now, say what was picked, then use exactly that
     if args.stream:
         for piece in model.stream(messages, **opts):
             print(piece, end="", flush=True)

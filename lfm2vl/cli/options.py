@@ -22,12 +22,13 @@ def one_line(e: BaseException) -> str:
     return text.removeprefix("error: ")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, model_default: str = "the bundled model") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the bundled model)")
+    g.add_argument("--model", default=None, help=f"checkpoint folder or Hub id (default: {model_default})")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     g.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: as stored, but float32 on the CPU)")
+                   help="float32, bfloat16 or float16 (default: as stored, but float32 on the CPU; with --quantize, "
+                   "bfloat16 where the CPU or GPU has it natively, float16 on older GPUs, else float32)")
     g.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="int8: int8 weights for every linear layer, prompts and images multiplied int8 x int8 "
                    "(long prompts widened to bf16 on AMX CPUs, faster there): less memory, faster prefill and "

@@ -36,10 +36,13 @@ class EngineConfig:
 
     @classmethod
     def for_device(cls, device: torch.device | str, **overrides: Any) -> EngineConfig:
-        """Defaults per device: a CPU batches a few rows; a GPU many, with larger steps and caches."""
+        """Defaults per device: a CPU batches a few rows; a GPU many, with larger steps and caches (at most
+        an eighth of the GPU memory still free for the prefix cache and a sixteenth for the image cache,
+        so a small card keeps its room for the K/V)."""
         if torch.device(device).type == "cuda":
-            base = cls(max_slots=32, initial_len=2048, token_budget=2048, solo_token_budget=2048, image_cache_mb=1024,
-                       prefix_cache_mb=4096)
+            free_mb = torch.cuda.mem_get_info(torch.device(device))[0] / 2**20
+            base = cls(max_slots=32, initial_len=2048, token_budget=2048, solo_token_budget=2048,
+                       image_cache_mb=min(1024.0, free_mb / 16), prefix_cache_mb=min(4096.0, free_mb / 8))
         else:
             base = cls()
         return replace(base, **overrides)

@@ -5,19 +5,18 @@ Requests wait in a queue. Each `step()`:
    stored state in, so only the new tokens are prefilled);
 2. does one unit of prefill work for the oldest admitted request: encode one image crop (all of the
    image's remaining crops when nothing is decoding; none if the image cache has the image), or
-   prefill one chunk of at most `token_budget - decoding rows` tokens;
-   the chunk that ends the prompt samples the first token;
+   prefill one chunk of at most `token_budget - decoding rows` tokens (the last samples the first token);
 3. decodes one token for every slot past its prefill, as one batch.
 So a long image prompt is admitted in pieces while running streams keep receiving a token per step.
 
-Every slot is its own sequence (own length and RoPE positions, no shared padding), and every request
-samples with its own parameters and generator, so a request's tokens do not depend on its
-neighbours: greedy tokens equal a solo run, and a seeded request is reproducible. The engine knows
-token ids only; text (stop strings, UTF-8-safe pieces) comes from `decode`, if given.
+Every slot is its own sequence (own length and RoPE positions, no shared padding), and every request samples
+with its own parameters and generator, so a request's tokens do not depend on its neighbours: greedy tokens
+equal a solo run, and a seeded request is reproducible. The engine knows token ids only; text (stop strings,
+UTF-8-safe pieces) comes from `decode`, if given.
 
-Thread safety: `submit`, `cancel` and `stats` may be called from any thread. The engine runs either
-on its own worker thread (`start()`, what a server wants) or in the caller's thread: iterating a
-handle steps the engine until that handle has an event.
+Thread safety: `submit`, `cancel` and `stats` may be called from any thread. The engine runs either on its
+own worker thread (`start()`, what a server wants) or in the caller's thread: iterating a handle steps the
+engine until that handle has an event.
 """
 
 from __future__ import annotations
@@ -82,12 +81,8 @@ class _Active:
 
 
 class Engine:
-    def __init__(
-        self,
-        model: Any,
-        decode: Callable[[list[int]], str] | None = None,
-        config: EngineConfig | None = None,
-    ):
+    def __init__(self, model: Any, decode: Callable[[list[int]], str] | None = None,
+                 config: EngineConfig | None = None):
         """model: an `Lfm2Vl` (or anything with make_cache / forward / encode_images / device / cfg)."""
         self.model = model
         self.decode = decode
@@ -488,12 +483,15 @@ class Engine:
         if not save or a.key is None or not self.prefix_cache.capacity or length < a.n_prompt or not a.boundaries:
             return
         key = (tuple(a.key) + tuple(a.handle.completion.token_ids))[:length]
-        conv = a.boundaries[length] = self.cache.conv_snapshot(a.slot)
-        self.prefix_cache.insert(key, self.cache.read_prefix(a.slot, length, conv), a.boundaries)
+        try:
+            conv = a.boundaries[length] = self.cache.conv_snapshot(a.slot)
+            self.prefix_cache.insert(key, self.cache.read_prefix(a.slot, length, conv), a.boundaries)
+        except torch.OutOfMemoryError:  # a full GPU: the request is done, only this prefix goes uncached
+            a.boundaries.pop(length, None)
 
     def _count_end(self, reason: str | None) -> None:
-        self.counters["finished"] += 1
-        self.counters[f"finished_{reason}"] += 1
+        for key in ("finished", f"finished_{reason}"):
+            self.counters[key] += 1
 
     def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None) -> None:
         self._count_end(reason)

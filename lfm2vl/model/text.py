@@ -61,7 +61,10 @@ def one_query_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, mask
     b, h, _, dh = q.shape
     hkv = kt.shape[1]
     qg = cast(q.reshape(b, hkv, h // hkv, dh) * dh**-0.5, kt.dtype)  # (B, Hkv, G, Dh), in the cache's dtype
-    scores = torch.matmul(qg, kt).float()  # (B, Hkv, G, S)
+    if kt.dtype == torch.float32:
+        scores = torch.matmul(qg, kt)  # (B, Hkv, G, S)
+    else:  # a GPU's bf16/fp16 cache: a half-precision product would round the scores (SDPA's kernels do not)
+        scores = torch.matmul(qg.float(), kt.float())
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return cast(torch.matmul(cast(scores.softmax(-1), v.dtype), v).reshape(b, h, 1, dh), q.dtype)

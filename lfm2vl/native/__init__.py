@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..cpu import cpu_flags
+from ..cpu import cache_root, cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.c", "step.c", "gemm.c"))  # compiled together
 HEADERS = (Path(__file__).with_name("kernels.h"),)
@@ -51,7 +51,7 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LFM2VL_CACHE", Path.home() / ".cache" / "lfm2vl")) / "native"
+    return cache_root() / "native"
 
 
 def _build(cc: str) -> Path:

@@ -22,8 +22,9 @@ than the CPU engine's 8 slots), so a row's kernel does not depend on its neighbo
   prompt rows on CPUs with AMX-BF16 (faster there: `int8_prompt_products`): the int8 weight times
   its scale is widened to the compute dtype a block of rows at a time and multiplied there
   (`widened_linear`), which may round a row differently at some row counts (oneDNN's bf16 matmul).
-The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU, else
-float32. On a GPU every call widens the weight (correct, but no faster than bf16). Norms, the short
+The compute dtype is bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX) or the GPU does
+(float16 on older GPUs), else float32. On a GPU every call widens the weight (correct and smaller,
+but slower than the unquantized model; `lfm2vl.load` warns). Norms, the short
 convolutions, position embeddings and the vision patch embedding are not quantized.
 
 int4: lfm2vl/quant/int4.py. Shared by both: lfm2vl/quant/common.py.
@@ -135,9 +136,11 @@ def int8_dynamic_linear(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where it is fast (GPU, or a CPU with native bf16), else float32."""
+    """bfloat16 where it is fast (a GPU with native bf16, or a CPU with native bf16), float16 on older GPUs
+    (before Ampere bf16 is emulated), else float32."""
     if device.type == "cuda":
-        return torch.bfloat16
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
