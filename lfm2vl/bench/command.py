@@ -62,7 +62,7 @@ def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .workload import machine, preset_checkpoint, workload_image
+    from .workload import machine, preset_checkpoint, warm_file_cache, workload_image
 
     for name in ("max_new_tokens", "runs"):
         if getattr(args, name) < 1:
@@ -105,6 +105,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"machine: {info.get('cpu')}; {info.get('cpu_flags', '')}; {info['cores']} cores; torch {info['torch']}"
           + (f"; GPU {info['gpu']}" if "gpu" in info else ""), file=sys.stderr)
     model = args.model or str(preset_checkpoint(args.preset or "450M"))
+    if Path(model).is_dir():  # a Hub id is resolved (and downloaded) by each side
+        print("(reading the checkpoint once, so that both sides load it from the file cache)", file=sys.stderr)
+        warm_file_cache(Path(model))
     with tempfile.TemporaryDirectory() as tmp:
         image = workload_image(args.image, Path(tmp))
         spec = {"model": model, "image": str(image), "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
