@@ -128,9 +128,9 @@ class Model:
         """Replace the engine (slots, token budget, cache sizes; see EngineConfig) and return it."""
         if self._engine is not None:
             self._engine.stop(drain=True)
+        self._engine = None  # its caches are freed before a GPU's free memory sizes the new ones
         base = config or EngineConfig.for_device(self.device)
         self._engine_config = replace(base, **fields) if fields else base
-        self._engine = None
         return self.engine
 
     def __call__(self, **inputs: Any) -> torch.Tensor:
@@ -304,21 +304,21 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", 
     check_scheme(scheme)
     dst = Path(dst).expanduser()
     check_output_folder(dst)  # before the source is resolved: that may download a whole checkpoint
-    fresh = not dst.exists()
+    folder = resolve(src, revision=revision)  # (before dst exists: a Hub id must not name a new local folder)
+    if checkpoint_quantization(folder) is not None:
+        raise ValueError(f"{folder} is already quantized")
+    if dst.resolve() == folder.resolve():
+        raise ValueError("the output folder must differ from the input folder")
+    created = next((p for p in [*reversed(dst.absolute().parents), dst.absolute()] if not p.exists()), None)
     try:  # now, not after minutes of quantizing
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot create the output folder {dst}: {e.strerror or e}") from e
     try:
-        folder = resolve(src, revision=revision)
-        if checkpoint_quantization(folder) is not None:
-            raise ValueError(f"{folder} is already quantized")
-        if dst.resolve() == folder.resolve():
-            raise ValueError("the output folder must differ from the input folder")
         write_quantized(folder, dst, read_config(folder), scheme)
     except BaseException:
-        if fresh and not any(dst.iterdir()):  # leave no empty folder behind a refusal
-            dst.rmdir()
+        if created is not None:  # leave nothing behind a failure: the folders made here, and what is in them
+            shutil.rmtree(created, ignore_errors=True)
         raise
     for name in SIDE_FILES:
         if (folder / name).exists():

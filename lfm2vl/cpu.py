@@ -15,10 +15,11 @@ from pathlib import Path
 
 def cache_root() -> Path:
     """lfm2vl's per-machine cache (built kernels, image-budget calibrations, benchmark checkpoints):
-    $LFM2VL_CACHE, else $XDG_CACHE_HOME/lfm2vl, else ~/.cache/lfm2vl."""
+    $LFM2VL_CACHE, else $XDG_CACHE_HOME/lfm2vl (if absolute), else ~/.cache/lfm2vl."""
     if os.environ.get("LFM2VL_CACHE"):
         return Path(os.environ["LFM2VL_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "lfm2vl"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "lfm2vl"  # the XDG spec ignores a relative one
 
 
 @functools.cache

@@ -379,5 +379,9 @@ def save_weights(model: Lfm2Vl, folder: str | Path, max_shard_size: int = 5 * 2*
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except BaseException:  # a full disk: no half-written file left beside the old one
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

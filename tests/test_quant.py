@@ -502,3 +502,16 @@ def test_one_query_attention_scores_a_half_precision_cache_in_float32():
     old = torch.matmul(rounded.bfloat16(), v).reshape(2, 8, 1, 64).float()
     assert (got - expected).abs().max() < 0.5 * (old - expected).abs().max()
     assert torch.allclose(got, expected, atol=2e-2), (got - expected).abs().max()
+
+
+def test_a_failed_quantize_leaves_nothing_behind(tmp_path, monkeypatch):
+    import lfm2vl.api as api
+
+    def full_disk(*_args):
+        (tmp_path / "out/deeper/model.int8.safetensors.tmp").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "write_quantized", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        api.quantize_checkpoint(ROOT / "lfm2vl/assets/bundled_model", tmp_path / "out" / "deeper")
+    assert list(tmp_path.iterdir()) == []  # the folders it made, and what was in them

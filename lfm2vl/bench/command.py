@@ -106,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
           + (f"; GPU {info['gpu']}" if "gpu" in info else ""), file=sys.stderr)
     model = args.model or str(preset_checkpoint(args.preset or "450M"))
     if Path(model).is_dir():  # a Hub id is resolved (and downloaded) by each side
-        print("(reading the checkpoint once, so that both sides load it from the file cache)", file=sys.stderr)
+        print("(reading the checkpoint once: every load is then timed from the file cache)", file=sys.stderr)
         warm_file_cache(Path(model))
     with tempfile.TemporaryDirectory() as tmp:
         image = workload_image(args.image, Path(tmp))

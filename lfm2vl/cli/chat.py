@@ -117,11 +117,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         message = user_message(line.removeprefix("/"), pending)
         pending = []  # they belong to this turn, whatever becomes of it
         try:
-            conversation = [*history, message]
-            with_images = any(isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
-                              for m in conversation)
-            turn = pick_budget(model, conversation, opts)[0] if with_images else opts  # auto: says what it chose
-            request, kept, dropped = fit_context(model, conversation, turn)
+            request, kept, dropped = fit_context(model, [*history, message], opts)
+            if opts.get("max_image_tokens") == "auto" and any(
+                    isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"]) for m in kept):
+                request = model.request(kept, **pick_budget(model, kept, opts)[0])  # the same choice, said aloud
         except (ValueError, OSError) as e:
             _notice(f"error: {one_line(e)} (the conversation is unchanged)")
             continue

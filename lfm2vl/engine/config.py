@@ -40,7 +40,8 @@ class EngineConfig:
         an eighth of the GPU memory still free for the prefix cache and a sixteenth for the image cache,
         so a small card keeps its room for the K/V)."""
         if torch.device(device).type == "cuda":
-            free_mb = torch.cuda.mem_get_info(torch.device(device))[0] / 2**20
+            d = torch.device(device)  # free, plus what torch's allocator holds in reserve for reuse
+            free_mb = (torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)) / 2**20
             base = cls(max_slots=32, initial_len=2048, token_budget=2048, solo_token_budget=2048,
                        image_cache_mb=min(1024.0, free_mb / 16), prefix_cache_mb=min(4096.0, free_mb / 8))
         else:

@@ -5,7 +5,7 @@ without VNNI (gemm.c). Where there is no compiler, the build fails, or the CPU h
 None (`why_not()` says why) and the layers keep torch's kernels. Why, and what they compute: kernels.c.
 
 The library is built with -march=native for this CPU and cached in ~/.cache/lfm2vl/native/
-(`$LFM2VL_CACHE` moves it) under a hash of the source, the compiler, its flags and the CPU's flags,
+(`$LFM2VL_CACHE` or `$XDG_CACHE_HOME` moves it) under a hash of the source, the compiler, its flags and the CPU's flags,
 so another machine sharing the home folder builds its own. LFM2VL_NATIVE=0 turns the kernels off and
 LFM2VL_NATIVE=avx2 keeps to the AVX2 ones on a VNNI CPU (to compare them); $CC names the compiler
 (else cc, gcc or clang, the first found).

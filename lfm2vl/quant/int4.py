@@ -176,8 +176,9 @@ class Int4Linear(_QuantizedLinear):
             if self.bias is not None:
                 y = y + self.bias
             y = activate(y, act)
-        else:  # widened to the compute dtype: float32 where the CPU has no native bf16 (an emulated bf16 GEMM is slow)
-            wide = torch.float32 if x2.dtype == torch.float32 else torch.bfloat16
+        else:  # widened to the compute dtype: float32 where the CPU has no native bf16 (an emulated bf16 GEMM is
+            # slow), float16 on a GPU without native bf16
+            wide = x2.dtype if x2.dtype in (torch.float32, torch.float16) else torch.bfloat16
             bias = None if self.bias is None else self.bias.to(wide)
             y = widened_linear(x2.to(wide), self.out_features, lambda i, j: self.dequantized(wide, i, j), bias, act)
             y = y.to(out_dtype)

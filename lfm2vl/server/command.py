@@ -43,9 +43,9 @@ def add_parser(make: Any, add_model_args: Any, check_model_args: Any, load_model
     e.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; 503 beyond (default: %(default)s)")
     e.add_argument("--token-budget", type=int, default=None, help="tokens per engine step (default: 512 on CPU, 2048 on GPU)")
     e.add_argument("--image-cache-mb", type=float, default=None,
-                   help="image-feature cache; 0 = off (default: 256 on CPU, 1024 on GPU)")
+                   help="image-feature cache; 0 = off (default: 256 on CPU, 1024 on GPU, at most 1/16 of its free memory)")
     e.add_argument("--prefix-cache-mb", type=float, default=None,
-                   help="prompt-state cache; 0 = off (default: 512 on CPU, 4096 on GPU)")
+                   help="prompt-state cache; 0 = off (default: 512 on CPU, 4096 on GPU, at most 1/8 of its free memory)")
     v.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
     v.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (default: served)")
     v.set_defaults(func=cmd_serve, _check_model_args=check_model_args, _load_model=load_model)
@@ -78,8 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                        image_cache_mb=args.image_cache_mb, prefix_cache_mb=args.prefix_cache_mb,
                                        max_queue=args.max_queue).items() if v is not None}
     args._check_model_args(args)
-    engine_config = EngineConfig.for_device(args.device, **overrides)  # checked before the model loads
+    EngineConfig(**overrides)  # checked before the model loads
     model = args._load_model(args)
+    engine_config = EngineConfig.for_device(args.device, **overrides)  # a GPU's caches sized with the weights on it
     model.configure_engine(engine_config)
     app = create_app(model, settings)
     if not _loopback(args.host) and settings.api_key is None:
