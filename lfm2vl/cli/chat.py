@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..engine import EngineError, Request
-from .generate import pick_budget, user_message
+from .generate import pick_budget, say_budget, user_message
 from .options import UsageError, check_model_args, generation_options, load_model, one_line, read_image_file
 
 COMMANDS = ("commands: /image PATH [PATH ...] attaches images to your next message, /reset starts over, /quit "
@@ -25,17 +25,19 @@ def _notice(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def fit_context(model: Any, conversation: list[dict], opts: dict) -> tuple[Request, list[dict], int]:
+def fit_context(model: Any, conversation: list[dict], opts: dict) -> tuple[Request, list[dict], int, Any]:
     """The request for `conversation`, dropping its oldest turns until it fits the context.
 
-    Returns (request, the conversation it was built from, turns dropped). A system message stays.
+    Returns (request, the conversation it was built from, turns dropped, the automatic image budget of
+    that conversation or None). A system message stays.
     """
     limit, dropped = model.engine.max_len, 0
     while True:
-        request = model.request(conversation, **opts)
+        turn, budget = pick_budget(model, conversation, opts)
+        request = model.request(conversation, **turn)
         need = len(request.ids) + request.params.max_new_tokens
         if need <= limit:
-            return request, conversation, dropped
+            return request, conversation, dropped, budget
         first = 1 if conversation[0]["role"] == "system" else 0
         nxt = next((i for i in range(first + 1, len(conversation)) if conversation[i]["role"] == "user"), None)
         if nxt is None:
@@ -117,10 +119,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         message = user_message(line.removeprefix("/"), pending)
         pending = []  # they belong to this turn, whatever becomes of it
         try:
-            request, kept, dropped = fit_context(model, [*history, message], opts)
-            if opts.get("max_image_tokens") == "auto" and any(
-                    isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"]) for m in kept):
-                request = model.request(kept, **pick_budget(model, kept, opts)[0])  # the same choice, said aloud
+            request, kept, dropped, budget = fit_context(model, [*history, message], opts)
+            if budget is not None and request.images:  # a text-only conversation has no image budget to report
+                say_budget(budget)
         except (ValueError, OSError) as e:
             _notice(f"error: {one_line(e)} (the conversation is unchanged)")
             continue

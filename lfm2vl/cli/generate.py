@@ -16,19 +16,22 @@ def user_message(text: str, images: list[Any]) -> dict[str, Any]:
 
 
 def pick_budget(model: Any, messages: list[dict], opts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """With --max-image-tokens auto: choose the budget for these messages now, say on stderr what was chosen
-    and whether it meets the target, and return the options that use exactly it (and the choice)."""
+    """With --max-image-tokens auto: choose the budget for these messages now, and return the options that
+    use exactly it, and the choice (`say_budget` reports it); otherwise the options as they are, and None."""
     if opts.get("max_image_tokens") != "auto":
         return opts, None
     fixed = {k: v for k, v in opts.items() if k in model.processor.settings.__dataclass_fields__}
     fixed.pop("max_image_tokens")
-    target = opts["latency_target"]
-    budget = model.plan_budget(messages, target, **fixed)
+    budget = model.plan_budget(messages, opts["latency_target"], **fixed)
     rest = {k: v for k, v in opts.items() if k not in fixed and k not in ("max_image_tokens", "latency_target")}
+    return rest | budget.settings, budget
+
+
+def say_budget(budget: Any) -> None:
+    """What the automatic image budget chose, and whether it is predicted to meet its target (stderr)."""
     verdict = "meets" if budget.meets_target else "is the fastest budget and still misses"
     print(f"image budget: {budget.image_tokens} image tokens ({budget.settings}); predicted time to first "
-          f"token {budget.predicted_ttft_s:.2f} s {verdict} the {target:g} s target", file=sys.stderr)
-    return rest | budget.settings, budget
+          f"token {budget.predicted_ttft_s:.2f} s {verdict} the {budget.latency_target_s:g} s target", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -40,6 +43,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append(user_message(prompt, images))
     opts, budget = pick_budget(model, messages, opts)  # pick it now, say what was picked, then use exactly that
+    if budget is not None:
+        say_budget(budget)
     if args.stream:
         for piece in model.stream(messages, **opts):
             print(piece, end="", flush=True)
